@@ -1,0 +1,29 @@
+// The operator schemas, declared once. Backends register implementations in
+// csrc/cpu/clip_cpu.cpp and csrc/cuda/clip_cuda.cpp; fake (meta) kernels for
+// torch.compile live in fastclip/_ops.py.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(fastclip, m) {
+  // Global p-norm (p > 0 or inf) over every element of every grad; all grads on
+  // one device. Accumulated in fp32 (fp64 if any grad is fp64); the result is a
+  // 0-dim float32 tensor (float64 if any grad is fp64) on that device.
+  m.def("total_norm(Tensor[] grads, float norm_type) -> Tensor");
+  // grads *= coef in place. coef: 0-dim float32/float64 tensor on the grads'
+  // device, already clamped. When coef == 1 nothing is stored.
+  m.def("scale_(Tensor(a!)[] grads, Tensor coef) -> ()");
+  // Fused total_norm + coefficient + scale_: one call (one launch on CUDA).
+  // Returns the accurate norm as total_norm does.
+  m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+}
+
+// A Python module so `import fastclip._C` loads the library and registers the ops.
+PYBIND11_MODULE(_C, m) {
+  m.def("cuda_built", []() {
+#ifdef FASTCLIP_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+}

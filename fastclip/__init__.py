@@ -1,0 +1,33 @@
+"""fastclip: global-norm gradient clipping for PyTorch in one fused op.
+
+    import fastclip
+    norm = fastclip.clip_(model.parameters(), max_norm=0.5)   # = torch.nn.utils.clip_grad_norm_
+"""
+__version__ = "0.1.0"
+
+from . import _ops
+from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .patch import is_patched, patch, unpatch
+
+
+def backend():
+    """What runs: "cuda" (CUDA kernels built and a GPU present), "cpu" (compiled
+    CPU operator) or "python" (extension not loaded: the reference path)."""
+    if not _ops.LOADED:
+        return "python"
+    import torch
+
+    return "cuda" if _ops.CUDA_BUILT and torch.cuda.is_available() else "cpu"
+
+
+__all__ = [
+    "backend",
+    "clip_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "is_patched",
+    "patch",
+    "unpatch",
+]

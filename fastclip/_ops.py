@@ -1,0 +1,54 @@
+"""Loads the compiled extension and holds the handles of its ops.
+
+If fastclip._C cannot be loaded, everything still works through the pure-torch
+reference path; one warning says why, and `fastclip.backend()` says "python".
+"""
+import warnings
+
+import torch
+
+LOAD_ERROR = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fastclip.*)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"fastclip: the compiled extension could not be loaded ({LOAD_ERROR}); "
+        "using the pure-torch reference path, which is correct but not fused. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+LOADED = _C is not None
+CUDA_BUILT = LOADED and _C.cuda_built()
+
+if LOADED:
+    # OpOverload handles: calling these skips the torch.ops attribute lookups.
+    total_norm = torch.ops.fastclip.total_norm.default
+    scale_ = torch.ops.fastclip.scale_.default
+    clip_grad_norm_ = torch.ops.fastclip.clip_grad_norm_.default
+
+    def _norm_like(grads):
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        device = grads[0].device if grads else torch.device("cpu")
+        return torch.empty((), dtype=dtype, device=device)
+
+    # Fake kernels: shapes and dtypes only, so torch.compile can trace the ops.
+    @torch.library.register_fake("fastclip::total_norm")
+    def _(grads, norm_type):
+        return _norm_like(grads)
+
+    @torch.library.register_fake("fastclip::scale_")
+    def _(grads, coef):
+        return None
+
+    @torch.library.register_fake("fastclip::clip_grad_norm_")
+    def _(grads, max_norm, norm_type):
+        return _norm_like(grads)
+
+
+def has_kernels(device_type):
+    """Whether the fused ops are compiled for this device type ("cpu", "cuda")."""
+    return LOADED and (device_type == "cpu" or (device_type == "cuda" and CUDA_BUILT))

@@ -1,0 +1,75 @@
+"""Build fastclip: one extension, fastclip._C, holding the ops for every backend.
+
+CUDA sources are compiled when the installed torch is a CUDA build and a CUDA
+toolkit is found (no GPU is needed at build time). Environment overrides:
+  FASTCLIP_FORCE_CPU=1   never build the CUDA backend
+  FASTCLIP_FORCE_CUDA=1  build it even if detection says no (fails loudly if it can't)
+  DEBUG=1                -O0 -g, for gdb / compute-sanitizer line numbers
+Install with `pip install --no-build-isolation .` so the build uses the torch
+that is already installed instead of pulling a second one.
+"""
+import glob
+import os
+import re
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _version():
+    with open(os.path.join(ROOT, "fastclip", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _extension():
+    # Imported here so that `setup.py --version` and metadata queries work without torch.
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    want_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
+    if _flag("FASTCLIP_FORCE_CPU"):
+        want_cuda = False
+    elif _flag("FASTCLIP_FORCE_CUDA"):
+        want_cuda = True
+
+    debug = _flag("DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    cxx = opt + ["-Wall", "-Wno-unknown-pragmas"]
+    kwargs = dict(include_dirs=[CSRC], extra_compile_args={"cxx": cxx})
+
+    if not want_cuda:
+        return CppExtension("fastclip._C", sources, **kwargs)
+
+    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    cxx.append("-DFASTCLIP_WITH_CUDA")
+    nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-DFASTCLIP_WITH_CUDA"]
+    kwargs["extra_compile_args"]["nvcc"] = nvcc
+    return CUDAExtension("fastclip._C", sources, **kwargs)
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="fastclip",
+    version=_version(),
+    description="Fused global-norm gradient clipping for PyTorch: one kernel launch on CUDA, one fused pass on CPU",
+    packages=find_packages(include=["fastclip", "fastclip.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    python_requires=">=3.9",
+    # Any torch >= 2.4 works; the installed one (CPU or CUDA build) is used as is.
+    install_requires=["torch>=2.4"],
+    zip_safe=False,
+)
