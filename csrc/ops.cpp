@@ -1,8 +1,7 @@
-// The operator schemas, declared once. Backends register implementations in
+// The operator schemas, declared once. The Python module is csrc/py_module.cpp. Backends register implementations in
 // csrc/cpu/clip_cpu.cpp and csrc/cuda/clip_cuda.cpp; fake (meta) kernels for
 // torch.compile live in fastclip/_ops.py.
 #include <torch/library.h>
-#include <pybind11/pybind11.h>
 
 TORCH_LIBRARY(fastclip, m) {
   // Global p-norm (p > 0 or inf) over every element of every grad; all grads on
@@ -15,15 +14,4 @@ TORCH_LIBRARY(fastclip, m) {
   // Fused total_norm + coefficient + scale_: one call (one launch on CUDA).
   // Returns the accurate norm as total_norm does.
   m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
-}
-
-// A Python module so `import fastclip._C` loads the library and registers the ops.
-PYBIND11_MODULE(_C, m) {
-  m.def("cuda_built", []() {
-#ifdef FASTCLIP_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  }, "Whether the CUDA kernels were compiled into this build.");
 }

@@ -24,6 +24,9 @@ except ImportError as exc:  # not built, or built against another torch
 LOADED = _C is not None
 CUDA_BUILT = LOADED and _C.cuda_built()
 
+# The eager hot path's entry (csrc/py_module.cpp), None without the extension.
+clip_params = _C.clip_params if LOADED else None
+
 if LOADED:
     # OpOverload handles: calling these skips the torch.ops attribute lookups.
     total_norm = torch.ops.fastclip.total_norm.default

@@ -6,13 +6,14 @@ csrc/cpu/clip_cpu.cpp or csrc/cuda/clip_cuda.cpp). Inputs the fused ops do not
 take (p <= 0, complex grads, devices without kernels) go through
 fastclip/_reference.py, as does everything when the extension did not load.
 """
-import math
 import types
 import warnings
 
 import torch
 
 from . import _ops, _reference
+
+_compiling = torch.compiler.is_compiling
 
 _FUSED_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 
@@ -71,7 +72,7 @@ def _check_grads(grads, fn):
 
 def _check_max_norm(max_norm, fn, name="max_norm"):
     value = float(max_norm)
-    if math.isnan(value) or value < 0:
+    if not value >= 0:  # also catches NaN
         raise ValueError(f"fastclip.{fn}: {name} must be a non-negative number, got {max_norm}")
     return value
 
@@ -195,9 +196,25 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     compatibility; fastclip is always fused.
     """
     fn = "clip_grad_norm_"
-    grads = _grads_of(parameters, fn, warn_empty_generator=True)
+    if isinstance(parameters, torch.Tensor):
+        params = (parameters,)
+    elif isinstance(parameters, (list, tuple)):
+        params = parameters
+    else:
+        params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
     max_norm = _check_max_norm(max_norm, fn)
     norm_type = _check_norm_type(norm_type, fn)
+    if _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not _compiling():
+        # The eager hot path: grads read, checked and clipped in C++ (csrc/py_module.cpp).
+        norm = _ops.clip_params(params, max_norm, norm_type)
+        if norm is not None:
+            return norm
+    return _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
+
+
+def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn):
+    """Every other case: errors, several devices, the nonfinite check, p <= 0, tracing."""
+    grads = _grads_of(params, fn)
     if not grads:
         return torch.tensor(0.0)
     _check_grads(grads, fn)
@@ -207,9 +224,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         if len(groups) == 1 and not error_if_nonfinite:
             (device, gs), = groups.items()
             if _fused_ok(gs, device, norm_type):
-                return _ops.clip_grad_norm_(gs, max_norm, norm_type).to(dtype)  # the hot path
-        # Several devices, the error check, or inputs the fused op does not take:
-        # norm first (the check sees it before any grad is touched), then scale.
+                return _ops.clip_grad_norm_(gs, max_norm, norm_type).to(dtype)
+        # Norm first (the check sees it before any grad is touched), then scale.
         norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
         if error_if_nonfinite:
             _raise_if_nonfinite(norm, norm_type)
