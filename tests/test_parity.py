@@ -199,3 +199,32 @@ def test_negative_control_the_comparison_can_fail():
         assert_grads_close(ours, theirs)
     with pytest.raises(AssertionError):
         assert_norm_as_good_as_torch(n_ours * 1.001, n_torch, exact, torch.float32, _numel(ours))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_half_precision_error_within_twice_torchs(dtype, seed):
+    """Against fp64 (norm and coefficient exact, one rounding to the dtype),
+    fastclip's clipped grads are no further off than 2x torch's."""
+    params = make_params([(300, 200), (77,), (64, 64)], dtype, scale=3.0, seed=seed)
+    exact = fp64_norm(params, 2.0)
+    oracle = [g.double() * min(0.5 / (exact + 1e-6), 1.0) for g in grads(params)]
+    n_ours, n_torch, ours, theirs, _ = run_both(params, max_norm=0.5)
+
+    def err(ps):
+        return max(float((g.double() - o).abs().max()) for g, o in zip(grads(ps), oracle))
+
+    half_ulp = max(float(o.abs().max()) for o in oracle) * torch.finfo(dtype).eps / 2
+    assert err(ours) <= 2 * err(theirs) + half_ulp, (err(ours), err(theirs))
+    assert abs(float(n_ours) - exact) <= 2 * abs(float(n_torch) - exact) + exact * torch.finfo(dtype).eps
+
+
+def test_half_norm_overflow_does_not_zero_the_grads():
+    """fp16 norm > 65504: torch's coefficient becomes 0 and wipes the grads;
+    fastclip accumulates in fp32 and clips by the true norm."""
+    params = make_params([(1000, 100)], torch.float16, scale=300.0, seed=21)
+    n_ours, n_torch, ours, theirs, exact = run_both(params, max_norm=1.0)
+    assert math.isinf(float(n_torch)) and math.isfinite(exact) and exact > 65504
+    assert math.isinf(float(n_ours))  # the returned norm is fp16, like torch's
+    assert abs(fp64_norm(ours, 2.0) - 1.0) < 1e-2  # clipped to max_norm, not zeroed
+    assert_grads_close(ours, theirs)  # theirs: the exact-coefficient expectation (see run_both)
