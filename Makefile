@@ -9,7 +9,7 @@ setup:
 	bash scripts/bootstrap.sh
 
 test: setup
-	bash .ci/nvcc_check.sh
+	PYTHON=$(PY) bash .ci/nvcc_check.sh
 	$(PY) -m pytest -q tests
 
 bench: setup
