@@ -147,18 +147,20 @@ acc_type<scalar_t> chunk_partial(const scalar_t* x, int64_t n, acc_type<scalar_t
   using V = Vectorized<acc_t>;
   constexpr int kAcc = 4;
   constexpr int64_t kUnroll = kAcc / L::kVecs * L::kStep;
-  const V vp(p);
-  V acc[kAcc] = {V(0), V(0), V(0), V(0)};
+  acc_t total = 0;  // neutral for the sums and for max |x|
   int64_t i = 0;
-  for (; i + kUnroll <= n; i += kUnroll) {
-    V v[kAcc];
-    for (int j = 0; j < kAcc / L::kVecs; ++j) L::load(x + i + j * L::kStep, v + j * L::kVecs);
-    for (int j = 0; j < kAcc; ++j) acc[j] = vec_combine<kind>(acc[j], vec_term<kind>(v[j], vp));
+  if (n >= kUnroll) {  // tiny tensors skip the vector set-up and the lane fold
+    const V vp(p);
+    V acc[kAcc] = {V(0), V(0), V(0), V(0)};
+    for (; i + kUnroll <= n; i += kUnroll) {
+      V v[kAcc];
+      for (int j = 0; j < kAcc / L::kVecs; ++j) L::load(x + i + j * L::kStep, v + j * L::kVecs);
+      for (int j = 0; j < kAcc; ++j) acc[j] = vec_combine<kind>(acc[j], vec_term<kind>(v[j], vp));
+    }
+    acc_t lanes[kAcc * V::size()];
+    for (int j = 0; j < kAcc; ++j) acc[j].store(lanes + j * V::size());
+    for (const acc_t lane : lanes) total = combine(total, lane, kind);
   }
-  acc_t lanes[kAcc * V::size()];
-  for (int j = 0; j < kAcc; ++j) acc[j].store(lanes + j * V::size());
-  acc_t total = lanes[0];
-  for (int64_t j = 1; j < kAcc * V::size(); ++j) total = combine(total, lanes[j], kind);
   for (; i < n; ++i) total = combine(total, norm_term(static_cast<acc_t>(x[i]), kind, p), kind);
   return total;
 }

@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""GPU microbenchmark: fastclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_.
+
+For each model-shaped gradient set and dtype (fp32, bf16) it times, interleaved round-robin in
+one process (the order rotates every repeat), one call per repeat of:
+
+  fastclip        fastclip.clip_grad_norm_(params, max_norm)          (eager)
+  torch           torch.nn.utils.clip_grad_norm_(..., foreach=True)   (eager)
+  torch-graph     the torch call captured once in a CUDA graph, replayed
+  fastclip-graph  the fastclip call captured once in a CUDA graph, replayed
+  copy            dst.copy_(src) of the set's bytes (the per-size bandwidth probe)
+
+Every timed call starts from the same state: the grads are restored from a saved copy and L2 is
+flushed (a write of twice its size), then the device is synchronised, so the CUDA-event interval
+covers the whole call including its CPU-side launch overhead, from cold L2 (the HBM claim). max_norm
+is 1e-3 of the true norm, so every call scales every gradient. Medians over the repeats.
+
+Bandwidth: a clip reads every element for the norm and reads and writes it again for the scale,
+3 x the set's bytes ("GB/s" counts those bytes; fastclip moves only 2 x when the set fits in
+registers, which the figure does not credit). "% copy" compares that with the device's copy
+bandwidth measured in this run (dst.copy_(src) of 1 GiB: 2 x bytes / time).
+Launches: kernels (and memcpy/memset) per call, counted with torch.profiler.
+
+Before a case is timed fastclip is checked against an fp64 reference and torch; a mismatch is
+reported as MISMATCH, not timed, and the exit status is 1.
+
+    python bench/bench_gpu.py --quick
+    python bench/bench_gpu.py --json bench/results/gpu.json --cases mlp,gpt2 --dtypes fp32
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if not __package__:
+    sys.path.insert(0, str(_REPO))  # import fastclip from this checkout, as `python -m` would
+
+import torch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _mlp():  # CartPole MLP 4-64-64-2: 6 tensors, 4,610 elements
+    return [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]
+
+
+def _nature_cnn():  # Nature DQN, 4x84x84 input, 6 actions: 10 tensors, 1,687,206 elements
+    return [(32, 4, 8, 8), (32,), (64, 32, 4, 4), (64,), (64, 64, 3, 3), (64,),
+            (512, 3136), (512,), (6, 512), (6,)]
+
+
+def _gpt2_small():  # HF GPT-2 small parameter shapes: 148 tensors, 124,439,808 elements
+    layer = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),  # ln_1, attn
+             (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]  # ln_2, mlp
+    return [(50257, 768), (1024, 768)] + layer * 12 + [(768,), (768,)]
+
+
+def _one_billion():  # 20 decoder layers of d=2048 (qkv, out, up, down, 2 norms): 1,006,714,880
+    layer = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (2048,), (2048,)]
+    return layer * 20
+
+
+# name -> (description, shapes, repeats full, repeats quick, issue #3 target speed-up vs torch)
+CASES = {
+    "mlp": ("RL MLP 4-64-64-2", _mlp, 300, 60, 5.0),
+    "cnn": ("Nature DQN CNN", _nature_cnn, 200, 40, None),
+    "gpt2": ("GPT-2 small", _gpt2_small, 40, 10, None),
+    "1b": ("~1B elements", _one_billion, 12, 5, None),
+}
+IMPLS = ["fastclip", "torch", "torch-graph", "fastclip-graph", "copy"]
+
+
+class GradSet:
+    """Parameters with .grad on the GPU, plus a saved copy to restore them from."""
+
+    def __init__(self, shapes, dtype, seed=0):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.params, self.saved = [], []
+        for s in shapes:
+            p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device="cuda"))
+            self.saved.append(torch.randn(s, generator=gen, device="cuda").to(dtype))
+            p.grad = torch.empty_like(self.saved[-1])
+            self.params.append(p)
+        self.grads = [p.grad for p in self.params]
+        self.numel = sum(t.numel() for t in self.saved)
+        self.nbytes = self.numel * self.saved[0].element_size()
+        sq = sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in self.saved)
+        self.norm64 = math.sqrt(float(sq))
+        self.max_norm = 1e-3 * self.norm64
+        self.restore()
+
+    def restore(self):
+        torch._foreach_copy_(self.grads, self.saved)
+
+
+def check(fastclip, gs):
+    """None if fastclip's norm and grads match the fp64 reference (and torch), else why not."""
+    gs.restore()
+    torch_norm = torch.nn.utils.clip_grad_norm_(gs.params, gs.max_norm, foreach=True)
+    torch_grads = [g.clone() for g in gs.grads]
+    gs.restore()
+    norm = fastclip.clip_grad_norm_(gs.params, gs.max_norm)
+    bf16 = gs.saved[0].dtype == torch.bfloat16
+    rel = abs(float(norm) - gs.norm64) / gs.norm64
+    try:
+        if norm.dtype != torch_norm.dtype:
+            return f"norm dtype {norm.dtype}, torch {torch_norm.dtype}"
+        if rel > (4e-3 if bf16 else 1e-5):
+            return f"norm {float(norm):.9g} vs fp64 {gs.norm64:.9g} (rel err {rel:.2e})"
+        coef = gs.max_norm / (gs.norm64 + 1e-6)
+        for i, (g, s, t) in enumerate(zip(gs.grads, gs.saved, torch_grads)):
+            want = s.double() * coef
+            fc_err = float((g.double() - want).abs().max())
+            torch_err = float((t.double() - want).abs().max())
+            ulps = 1 if torch.finfo(g.dtype).bits == 16 else 4  # 16-bit: rounding dominates
+            floor = ulps * torch.finfo(g.dtype).eps * float(want.abs().max())
+            if fc_err > 2 * torch_err + floor:
+                return f"grad {i} {tuple(g.shape)}: error {fc_err:.3g} > 2 x torch's {torch_err:.3g}"
+        return None
+    finally:
+        del torch_grads
+        gs.restore()
+
+
+def capture(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first, as torch requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def launches_per_call(fn):
+    """(kernels, memcpy + memset) the device ran for one call of fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = sum(n.startswith(("Memcpy", "Memset")) for n in names)
+    return len(names) - copies, copies
+
+
+def time_case(calls, restore, flush, repeats):
+    """{name: [µs, ...]}: CUDA-event time of one call per repeat, from a synchronised start."""
+    samples = {name: [] for name in calls}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    names = list(calls)
+    for k in range(repeats + 3):  # the first 3 rounds are warm-up
+        for j in range(len(names)):
+            name = names[(k + j) % len(names)]
+            restore()
+            flush()
+            torch.cuda.synchronize()
+            start.record()
+            calls[name]()
+            end.record()
+            end.synchronize()
+            if k >= 3:
+                samples[name].append(start.elapsed_time(end) * 1e3)
+    return samples
+
+
+def copy_bandwidth(flush, repeats=20):
+    """Device copy bandwidth in GB/s: 1 GiB copied (read + write), median of repeats."""
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    us = statistics.median(time_case({"copy": lambda: dst.copy_(src)}, lambda: None, flush, repeats)["copy"])
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+def stats(xs):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median_us": statistics.median(xs), "p25_us": q[0], "p75_us": q[2], "min_us": min(xs)}
+
+
+def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps):
+    desc, shapes, reps_full, reps_quick, target = CASES[name]
+    gs = GradSet(shapes(), DTYPES[dtype_name])
+    row = {"case": name, "what": desc, "dtype": dtype_name, "tensors": len(shapes()),
+           "numel": gs.numel, "bytes": gs.nbytes}
+    error = check(fastclip, gs)
+    if error:
+        row["error"] = error
+        return row
+    src, dst = torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda"), torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda")
+    eager = {
+        "fastclip": lambda: fastclip.clip_grad_norm_(gs.params, gs.max_norm),
+        "torch": lambda: torch.nn.utils.clip_grad_norm_(gs.params, gs.max_norm, foreach=True),
+    }
+    graphs = {f"{k}-graph": capture(fn) for k, fn in eager.items()}
+    calls = {**eager, **{k: g.replay for k, g in graphs.items()}, "copy": lambda: dst.copy_(src)}
+    samples = time_case(calls, gs.restore, flush, reps_quick if quick else reps_full)
+    times = {k: stats(v) for k, v in samples.items()}
+    med = {k: t["median_us"] for k, t in times.items()}
+    gbps = {k: 3 * gs.nbytes / (med[k] * 1e-6) / 1e9 for k in IMPLS[:4]}
+    row.update(
+        times=times,
+        speedup_vs_torch=med["torch"] / med["fastclip"],
+        speedup_vs_torch_graph=med["torch-graph"] / med["fastclip"],
+        target_speedup_vs_torch=target,
+        clip_GBps=gbps,
+        fraction_of_copy_bandwidth={k: v / copy_gbps for k, v in gbps.items()},
+        launches={k: dict(zip(("kernels", "memcpy_memset"), launches_per_call(calls[k]))) for k in IMPLS[:4]},
+    )
+    return row
+
+
+def environment(fastclip):
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": props.name, "sm_count": props.multi_processor_count,
+        "l2_bytes": props.L2_cache_size, "memory_bytes": props.total_memory,
+        "driver": driver, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "fastclip_backend": fastclip.backend(), "command": shlex.join(["python"] + sys.argv),
+    }
+
+
+def fmt_us(x):
+    return f"{x / 1e3:.2f}ms" if x >= 1e4 else f"{x:.1f}"
+
+
+def targets(rows):
+    """Issue #3's goals, each with whether this run met it."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            continue
+        tag = f"{r['case']} {r['dtype']}"
+        if r["target_speedup_vs_torch"]:
+            out.append((f"{tag}: >= {r['target_speedup_vs_torch']:g}x torch", r["speedup_vs_torch"] >= r["target_speedup_vs_torch"]))
+        if r["numel"] >= 100_000_000:
+            out.append((f"{tag}: >= 90% of copy bandwidth", r["fraction_of_copy_bandwidth"]["fastclip"] >= 0.9))
+        out.append((f"{tag}: not slower than torch", r["speedup_vs_torch"] >= 1.0))
+    return [{"goal": g, "met": met} for g, met in out]
+
+
+def print_table(rows, copy_gbps):
+    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
+    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "torch-graph us",
+           "fc-graph us", "x torch", "x torch-graph", "fc GB/s", "% copy", "launches fc/torch"]
+    table = []
+    for r in rows:
+        head = [r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}"]
+        if "error" in r:
+            table.append(head + ["MISMATCH: " + r["error"]] + [""] * 8)
+            continue
+        m = {k: v["median_us"] for k, v in r["times"].items()}
+        lc = r["launches"]
+        table.append(head + [fmt_us(m["fastclip"]), fmt_us(m["torch"]), fmt_us(m["torch-graph"]),
+                             fmt_us(m["fastclip-graph"]), f"{r['speedup_vs_torch']:.1f}x",
+                             f"{r['speedup_vs_torch_graph']:.1f}x", f"{r['clip_GBps']['fastclip']:.0f}",
+                             f"{100 * r['fraction_of_copy_bandwidth']['fastclip']:.0f}%",
+                             f"{lc['fastclip']['kernels']}/{lc['torch']['kernels']}"])
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(hdr)]
+    for cells in [hdr, ["-" * w for w in widths]] + table:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="fastclip vs torch clip_grad_norm_ on a GPU")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--json", metavar="PATH", help="results file (default bench/results/gpu-<date>[-quick].json)")
+    ap.add_argument("--no-json", action="store_true", help="write no results file")
+    ap.add_argument("--cases", default=",".join(CASES), help="subset of " + ",".join(CASES))
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="subset of " + ",".join(DTYPES))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA device")
+    import fastclip
+
+    if fastclip.backend() != "cuda":
+        print(f"WARNING: fastclip.backend() is {fastclip.backend()!r}: not timing the CUDA kernels",
+              file=sys.stderr)
+    env = environment(fastclip)
+    scratch = torch.empty(2 * env["l2_bytes"], dtype=torch.uint8, device="cuda")
+    flush = scratch.zero_
+    copy_gbps = copy_bandwidth(flush)
+    rows = []
+    for name in args.cases.split(","):
+        for dt in args.dtypes.split(","):
+            rows.append(run_case(fastclip, name, dt, args.quick, flush, copy_gbps))
+            torch.cuda.empty_cache()
+            print(f"done: {name} {dt}", file=sys.stderr)
+    print_table(rows, copy_gbps)
+    goals = targets(rows)
+    for t in goals:
+        print(f"{'met ' if t['met'] else 'MISS'}  {t['goal']}")
+    if not args.no_json:
+        stamp = _dt.date.today().isoformat() + ("-quick" if args.quick else "")
+        path = Path(args.json or _REPO / "bench" / "results" / f"gpu-{stamp}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"environment": env, "copy_GBps": copy_gbps, "cases": rows, "targets": goals}, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+// CUDA implementations of the fastclip operators: turn the grads into
+// TensorDesc, allocate scratch through torch's caching allocator and launch
+// on the current stream (clip_kernels.cu). Only CPU-side torch headers: the
+// stream comes through the device-generic accelerator API, so this file also
+// compiles against a CPU-only torch (CI compile-checks it there).
+#include <ATen/ATen.h>
+#include <ATen/DeviceAccelerator.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "clip_kernels.h"
+
+namespace fastclip {
+namespace {
+
+gpu::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return gpu::DType::F32;
+    case at::kDouble: return gpu::DType::F64;
+    case at::kHalf: return gpu::DType::F16;
+    case at::kBFloat16: return gpu::DType::BF16;
+    default: TORCH_CHECK(false, "fastclip: unsupported grad dtype ", t);
+  }
+}
+
+// The grads as flat spans. A grad that is not one dense span (a strided view,
+// an expanded tensor) or not element-aligned is replaced by a contiguous copy;
+// the scaling ops copy the result back.
+struct Grads {
+  c10::Device device;
+  std::vector<gpu::TensorDesc> descs;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (grad, its contiguous copy)
+  bool any_double = false;
+};
+
+Grads gather(at::TensorList grads) {
+  Grads out{grads[0].device(), {}, {}, false};
+  out.descs.reserve(grads.size());
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.device() == out.device, "fastclip: all grads must be on one device, got ",
+                out.device, " and ", g.device());
+    TORCH_CHECK(g.layout() == at::kStrided, "fastclip: sparse grads are not supported");
+    const gpu::DType dtype = to_dtype(g.scalar_type());
+    out.any_double |= g.scalar_type() == at::kDouble;
+    if (g.numel() == 0) continue;
+    at::Tensor span = g;
+    const bool aligned = reinterpret_cast<uintptr_t>(g.data_ptr()) % g.element_size() == 0;
+    if (!g.is_non_overlapping_and_dense() || !aligned) {
+      span = g.clone(at::MemoryFormat::Contiguous);
+      out.copies.emplace_back(g, span);
+    }
+    // Dense (even if permuted) means numel consecutive elements from data_ptr.
+    out.descs.push_back({span.data_ptr(), span.numel(), 0, dtype});
+  }
+  return out;
+}
+
+void check(cudaError_t e) {
+  TORCH_CHECK(e == cudaSuccess, "fastclip CUDA kernel launch failed: ", cudaGetErrorString(e));
+}
+
+cudaStream_t current_stream(const c10::Device& device) {
+  return static_cast<cudaStream_t>(at::accelerator::getCurrentStream(device.index()).native_handle());
+}
+
+at::Tensor workspace(const c10::Device& device, size_t bytes) {
+  return bytes == 0 ? at::Tensor()
+                    : at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+}
+
+void copy_back(const Grads& g) {
+  for (const auto& [grad, span] : g.copies) grad.copy_(span);
+}
+
+// total_norm and clip_grad_norm_ share everything but the scaling.
+at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double max_norm) {
+  TORCH_CHECK(norm_type > 0, "fastclip: the fused CUDA norm needs norm_type > 0 or inf, got ", norm_type);
+  TORCH_CHECK(!grads.empty(), "fastclip: empty list of grads");
+  c10::DeviceGuard guard(grads[0].device());
+  Grads g = gather(grads);
+  const auto norm_dtype = g.any_double ? at::kDouble : at::kFloat;
+  if (g.descs.empty()) return at::zeros({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
+
+  at::Tensor norm = at::empty({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
+  const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/true);
+  at::Tensor ws = workspace(g.device, plan.workspace_bytes);
+  check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type),
+                           norm_type, clip, max_norm, g.any_double, norm.data_ptr(), g.any_double,
+                           ws.data_ptr(), current_stream(g.device)));
+  if (clip) copy_back(g);
+  return norm;
+}
+
+at::Tensor total_norm_cuda(at::TensorList grads, double norm_type) {
+  return norm_impl(grads, norm_type, /*clip=*/false, 0.0);
+}
+
+at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  return norm_impl(grads, norm_type, /*clip=*/true, max_norm);
+}
+
+void scale_cuda(at::TensorList grads, const at::Tensor& coef) {
+  if (grads.empty()) return;
+  c10::DeviceGuard guard(grads[0].device());
+  Grads g = gather(grads);
+  TORCH_CHECK(coef.numel() == 1 && coef.device() == g.device &&
+                  (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble),
+              "fastclip: coef must be a one-element float32/float64 tensor on ", g.device);
+  if (g.descs.empty()) return;
+  const at::Tensor c = coef.contiguous();  // keeps c alive until the launch is enqueued
+  const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/false);
+  at::Tensor ws = workspace(g.device, plan.workspace_bytes);
+  check(gpu::scale(g.descs.data(), static_cast<int>(g.descs.size()), plan, c.data_ptr(),
+                   c.scalar_type() == at::kDouble, ws.defined() ? ws.data_ptr() : nullptr,
+                   current_stream(g.device)));
+  copy_back(g);
+}
+
+}  // namespace
+}  // namespace fastclip
+
+TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
+  m.impl("total_norm", &fastclip::total_norm_cuda);
+  m.impl("scale_", &fastclip::scale_cuda);
+  m.impl("clip_grad_norm_", &fastclip::clip_grad_norm_cuda);
+}

@@ -1,0 +1,626 @@
+// fastclip's CUDA kernels: global gradient norm and in-place clipping in one
+// cooperative launch (DESIGN.md §4). Only CUDA headers here; the glue in
+// clip_cuda.cpp turns tensors into TensorDesc and picks the stream.
+//
+// Fused kernel, one block per co-resident slot (at most kMaxBlocksPerSM/SM):
+//   phase 1  blocks walk tiles (grid-stride), 16-byte loads with a scalar head
+//            for misaligned starts and a scalar tail; one partial per tile.
+//   barrier  cooperative_groups grid sync: its state is per launch and owned
+//            by the driver, so no counter to zero, no memset, and concurrent
+//            calls on other streams or graph replays cannot share it.
+//   reduce   few partials: every block reduces them itself (same code, same
+//            order, same bits), so one barrier suffices; many partials: block
+//            0 reduces and a second barrier publishes the coefficient.
+//   phase 2  scale in place, tiles in reverse order (the most recently read
+//            are the likeliest still in L2); when each block has at most one
+//            tile the values loaded in phase 1 are still in registers and
+//            are not read again. Nothing is stored when coef == 1.
+// Without cooperative launch the same phases run as three ordinary launches.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "clip_kernels.h"
+
+namespace fastclip::gpu {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kVecsPerThread = 4;  // 16-byte loads in flight per thread per tile
+constexpr int64_t kTileBytes = int64_t{kThreads} * kVecsPerThread * 16;  // 32 KiB
+// Co-resident blocks per SM we ask for: half an SM's threads, so kernels on
+// other streams (NCCL, the next layer's backward) keep running beside us.
+constexpr int kMaxBlocksPerSM = 2;
+// Up to this many partials, each block re-reduces them (<= 32 KiB from L2)
+// rather than waiting at a second grid barrier.
+constexpr int64_t kRedundantReduceMax = 4096;
+static_assert(kChunkElems % (kTileBytes / 2) == 0, "tiles must subdivide a CPU chunk");
+
+// Descriptors travel in the kernel parameter space: a small array for the
+// common case (cheap launches), a ~32 KB one (CUDA >= 12.1 allows 32764 bytes
+// of parameters), and beyond that a device table filled by upload_kernel.
+constexpr int kInlineSmall = 16;
+#if CUDART_VERSION >= 12010
+constexpr int kInlineLarge = 1000;
+#else
+constexpr int kInlineLarge = 120;  // 4 KB parameter limit
+#endif
+
+template <int Cap>
+struct Descs {
+  TensorDesc d[Cap];
+  __device__ const TensorDesc& operator[](int i) const { return d[i]; }
+};
+template <>
+struct Descs<0> {
+  const TensorDesc* d;
+  __device__ const TensorDesc& operator[](int i) const { return d[i]; }
+};
+
+// Everything but the descriptors: small enough to pass to the fallback's
+// single-block reduction kernel on its own.
+struct Job {
+  int n;
+  int64_t num_tiles;
+  NormKind kind;
+  double p;
+  bool clip;
+  double max_norm;
+  bool real_double;
+  void* norm_out;
+  bool norm_out_double;
+  double* partials;   // [num_tiles]
+  double* coef_slot;  // coefficient handed from the reducing block to the others
+};
+
+template <int Cap>
+struct FusedArgs {
+  Descs<Cap> descs;
+  Job job;
+};
+
+template <int Cap>
+struct ScaleArgs {
+  Descs<Cap> descs;
+  int n;
+  int64_t num_tiles;
+  const void* coef;
+  bool coef_double;
+};
+
+struct UploadArgs {
+  TensorDesc d[kInlineLarge];
+  int count;
+  TensorDesc* dst;
+};
+
+__host__ __device__ constexpr int elem_size(DType t) {
+  return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2;
+}
+
+// ---- element access: raw 16-byte vectors <-> accumulator type ------------
+// Explicit intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ etc.
+
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ void set_word(uint4& v, int i, unsigned w) {
+  if (i == 0) v.x = w; else if (i == 1) v.y = w; else if (i == 2) v.z = w; else v.w = w;
+}
+__device__ __forceinline__ unsigned short half_bits(const uint4& v, int i) {
+  return static_cast<unsigned short>(word(v, i / 2) >> (16 * (i % 2)));
+}
+__device__ __forceinline__ void set_half_bits(uint4& v, int i, unsigned short b) {
+  const int s = 16 * (i % 2);
+  set_word(v, i / 2, (word(v, i / 2) & ~(0xffffu << s)) | (unsigned{b} << s));
+}
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using acc = float;
+  static constexpr int kPerVec = 4;
+  __device__ static float get(const uint4& v, int i) { return __uint_as_float(word(v, i)); }
+  __device__ static void put(uint4& v, int i, float x) { set_word(v, i, __float_as_uint(x)); }
+  __device__ static float load(const float* p) { return *p; }
+  __device__ static void store(float* p, float x) { *p = x; }
+};
+
+template <>
+struct Elem<double> {
+  using acc = double;
+  static constexpr int kPerVec = 2;
+  __device__ static double get(const uint4& v, int i) {
+    return __hiloint2double(static_cast<int>(word(v, 2 * i + 1)), static_cast<int>(word(v, 2 * i)));
+  }
+  __device__ static void put(uint4& v, int i, double x) {
+    set_word(v, 2 * i, static_cast<unsigned>(__double2loint(x)));
+    set_word(v, 2 * i + 1, static_cast<unsigned>(__double2hiint(x)));
+  }
+  __device__ static double load(const double* p) { return *p; }
+  __device__ static void store(double* p, double x) { *p = x; }
+};
+
+template <>
+struct Elem<__half> {
+  using acc = float;
+  static constexpr int kPerVec = 8;
+  __device__ static float get(const uint4& v, int i) { return __half2float(__ushort_as_half(half_bits(v, i))); }
+  __device__ static void put(uint4& v, int i, float x) { set_half_bits(v, i, __half_as_ushort(__float2half_rn(x))); }
+  __device__ static float load(const __half* p) { return __half2float(*p); }
+  __device__ static void store(__half* p, float x) { *p = __float2half_rn(x); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using acc = float;
+  static constexpr int kPerVec = 8;
+  __device__ static float get(const uint4& v, int i) {
+    return __bfloat162float(__ushort_as_bfloat16(half_bits(v, i)));
+  }
+  __device__ static void put(uint4& v, int i, float x) {
+    set_half_bits(v, i, __bfloat16_as_ushort(__float2bfloat16_rn(x)));
+  }
+  __device__ static float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  __device__ static void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+};
+
+// ---- tiles ---------------------------------------------------------------
+
+struct Tile {
+  char* data;  // first element
+  int n;       // elements, 1 .. kTileBytes / elem_size
+  DType dtype;
+};
+
+// The tile's elements as [head scalars][nvec aligned 16-byte vectors][tail
+// scalars]; head + tail < 2 vectors' worth, so one scalar per thread covers them.
+struct Split {
+  int head, nvec, tail;
+};
+
+template <typename T>
+__device__ __forceinline__ Split split(const Tile& t) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(t.data) % 16);
+  const int head = min(t.n, (16 - misalign) % 16 / static_cast<int>(sizeof(T)));
+  const int nvec = (t.n - head) / kPerVec;
+  return {head, nvec, t.n - head - nvec * kPerVec};
+}
+
+// Index of the element this thread handles as a scalar, or -1.
+__device__ __forceinline__ int scalar_index(const Split& s, int per_vec) {
+  const int i = threadIdx.x;
+  if (i < s.head) return i;
+  if (i < s.head + s.tail) return s.head + s.nvec * per_vec + (i - s.head);
+  return -1;
+}
+
+template <typename D>
+__device__ Tile locate(const D& descs, int n, int64_t tile) {
+  int lo = 0, hi = n - 1;  // last tensor whose first_tile <= tile (all threads agree)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (descs[mid].first_tile <= tile) lo = mid; else hi = mid - 1;
+  }
+  const TensorDesc& d = descs[lo];
+  const int es = elem_size(d.dtype);
+  const int64_t per_tile = kTileBytes / es;
+  const int64_t start = (tile - d.first_tile) * per_tile;
+  return {static_cast<char*>(d.data) + start * es,
+          static_cast<int>(min(per_tile, d.numel - start)), d.dtype};
+}
+
+// ---- reductions (fixed shape: the result depends only on the inputs) -------
+
+// Block-wide combine; every thread gets the result. Two __syncthreads, so
+// back-to-back calls cannot overwrite scratch another thread still reads.
+template <typename A>
+__device__ A block_reduce(A x, NormKind kind) {
+  __shared__ A scratch[kWarps + 1];
+  for (int off = 16; off > 0; off /= 2) x = combine(x, __shfl_down_sync(0xffffffffu, x, off), kind);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kWarps ? scratch[lane] : A(0);
+    for (int off = 16; off > 0; off /= 2) x = combine(x, __shfl_down_sync(0xffffffffu, x, off), kind);
+    if (lane == 0) scratch[kWarps] = x;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+// The norm from the partials, in fp64. L2 loads (__ldcg): the partials were
+// written by other blocks of this grid.
+__device__ double reduce_partials(const Job& job) {
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < job.num_tiles; i += kThreads)
+    acc = combine(acc, __ldcg(job.partials + i), job.kind);
+  return finish_norm(block_reduce(acc, job.kind), job.kind, job.p);
+}
+
+__device__ double coefficient(const Job& job, double norm) {
+  return job.real_double ? clip_coef<double>(job.max_norm, norm)
+                         : static_cast<double>(clip_coef<float>(job.max_norm, norm));
+}
+
+__device__ void write_norm(const Job& job, double norm) {
+  if (job.norm_out_double) *static_cast<double*>(job.norm_out) = norm;
+  else *static_cast<float*>(job.norm_out) = static_cast<float>(norm);
+}
+
+// ---- phase 1: one partial per tile -----------------------------------------
+
+// Loads the tile's vectors into v (kept by the caller for phase 2) and returns
+// the tile's partial.
+template <typename T, NormKind K>
+__device__ double tile_partial(const Tile& t, double p, uint4 (&v)[kVecsPerThread]) {
+  using A = typename Elem<T>::acc;
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const Split s = split<T>(t);
+  const uint4* vec = reinterpret_cast<const uint4*>(t.data + s.head * sizeof(T));
+#pragma unroll
+  for (int k = 0; k < kVecsPerThread; ++k) {
+    const int j = threadIdx.x + k * kThreads;
+    if (j < s.nvec) v[k] = vec[j];
+  }
+  const A pa = static_cast<A>(p);
+  A acc = 0;
+#pragma unroll
+  for (int k = 0; k < kVecsPerThread; ++k) {
+    if (threadIdx.x + k * kThreads < s.nvec) {
+#pragma unroll
+      for (int e = 0; e < kPerVec; ++e) acc = combine(acc, norm_term<A>(Elem<T>::get(v[k], e), K, pa), K);
+    }
+  }
+  const int i = scalar_index(s, kPerVec);
+  if (i >= 0) acc = combine(acc, norm_term<A>(Elem<T>::load(reinterpret_cast<const T*>(t.data) + i), K, pa), K);
+  return static_cast<double>(block_reduce(acc, K));
+}
+
+template <typename T>
+__device__ double tile_partial(const Tile& t, NormKind kind, double p, uint4 (&v)[kVecsPerThread]) {
+  switch (kind) {
+    case NormKind::L1: return tile_partial<T, NormKind::L1>(t, p, v);
+    case NormKind::L2: return tile_partial<T, NormKind::L2>(t, p, v);
+    case NormKind::Inf: return tile_partial<T, NormKind::Inf>(t, p, v);
+    default: return tile_partial<T, NormKind::P>(t, p, v);
+  }
+}
+
+__device__ double tile_partial(const Tile& t, NormKind kind, double p, uint4 (&v)[kVecsPerThread]) {
+  switch (t.dtype) {
+    case DType::F32: return tile_partial<float>(t, kind, p, v);
+    case DType::F64: return tile_partial<double>(t, kind, p, v);
+    case DType::F16: return tile_partial<__half>(t, kind, p, v);
+    default: return tile_partial<__nv_bfloat16>(t, kind, p, v);
+  }
+}
+
+template <int Cap>
+__device__ void phase1(const Descs<Cap>& descs, const Job& job, uint4 (&v)[kVecsPerThread]) {
+  for (int64_t t = blockIdx.x; t < job.num_tiles; t += gridDim.x) {
+    const double partial = tile_partial(locate(descs, job.n, t), job.kind, job.p, v);
+    if (threadIdx.x == 0) job.partials[t] = partial;
+  }
+}
+
+// ---- phase 2: scale in place -----------------------------------------------
+
+// v holds the tile's vectors already when `cached` (loaded by phase 1).
+template <typename T>
+__device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
+  using A = typename Elem<T>::acc;
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const A c = static_cast<A>(coef);
+  const Split s = split<T>(t);
+  uint4* vec = reinterpret_cast<uint4*>(t.data + s.head * sizeof(T));
+  if (!cached) {
+#pragma unroll
+    for (int k = 0; k < kVecsPerThread; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j < s.nvec) v[k] = vec[j];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kVecsPerThread; ++k) {
+    const int j = threadIdx.x + k * kThreads;
+    if (j < s.nvec) {
+#pragma unroll
+      for (int e = 0; e < kPerVec; ++e) Elem<T>::put(v[k], e, Elem<T>::get(v[k], e) * c);
+      vec[j] = v[k];
+    }
+  }
+  const int i = scalar_index(s, kPerVec);
+  if (i >= 0) {
+    T* x = reinterpret_cast<T*>(t.data) + i;
+    Elem<T>::store(x, Elem<T>::load(x) * c);
+  }
+}
+
+__device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
+  switch (t.dtype) {
+    case DType::F32: return tile_scale<float>(t, coef, cached, v);
+    case DType::F64: return tile_scale<double>(t, coef, cached, v);
+    case DType::F16: return tile_scale<__half>(t, coef, cached, v);
+    default: return tile_scale<__nv_bfloat16>(t, coef, cached, v);
+  }
+}
+
+// cached: this block's only tile is still in v from phase 1.
+template <int Cap>
+__device__ void phase2(const Descs<Cap>& descs, int n, int64_t num_tiles, double coef, bool cached,
+                       uint4 (&v)[kVecsPerThread]) {
+  if (coef == 1.0) return;  // bitwise no-op: skip the stores (NaN != 1 scales, as torch does)
+  const int64_t b = blockIdx.x, g = gridDim.x;
+  for (int64_t t = b + (num_tiles - 1 - b) / g * g; t >= b; t -= g)
+    tile_scale(locate(descs, n, t), coef, cached, v);
+}
+
+// ---- kernels -----------------------------------------------------------------
+
+template <int Cap>
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+  const Job& job = a.job;
+  uint4 v[kVecsPerThread];
+  phase1(a.descs, job, v);
+  cg::grid_group grid = cg::this_grid();
+  if (gridDim.x > 1) grid.sync();  // a single block needs no grid barrier
+
+  const bool redundant = job.num_tiles <= kRedundantReduceMax || gridDim.x == 1;
+  const bool reducer = blockIdx.x == 0 || (job.clip && redundant);
+  double coef = 1.0;
+  if (reducer) {
+    const double norm = reduce_partials(job);
+    coef = coefficient(job, norm);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      write_norm(job, norm);
+      if (!redundant) *job.coef_slot = coef;
+    }
+  }
+  if (!job.clip) return;
+  if (!redundant) {
+    grid.sync();
+    coef = __ldcg(job.coef_slot);
+  }
+  phase2(a.descs, job.n, job.num_tiles, coef, job.num_tiles <= gridDim.x, v);
+}
+
+// Fallback, launch 1 of 3: the partials.
+template <int Cap>
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+partials_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+  uint4 v[kVecsPerThread];
+  phase1(a.descs, a.job, v);
+}
+
+// Fallback, launch 2 of 3 (one block): norm and coefficient.
+__global__ void __launch_bounds__(kThreads) finish_kernel(const Job job) {
+  const double norm = reduce_partials(job);
+  if (threadIdx.x == 0) {
+    write_norm(job, norm);
+    *job.coef_slot = coefficient(job, norm);
+  }
+}
+
+// The scale_ operator, and launch 3 of 3 of the fallback.
+template <int Cap>
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+scale_kernel(const __grid_constant__ ScaleArgs<Cap> a) {
+  const double coef = a.coef_double ? *static_cast<const double*>(a.coef)
+                                    : static_cast<double>(*static_cast<const float*>(a.coef));
+  uint4 v[kVecsPerThread];
+  phase2(a.descs, a.n, a.num_tiles, coef, false, v);
+}
+
+__global__ void upload_kernel(const __grid_constant__ UploadArgs a) {
+  for (int i = threadIdx.x; i < a.count; i += blockDim.x) a.dst[i] = a.d[i];
+}
+
+// ---- host side -------------------------------------------------------------
+
+size_t round16(size_t b) { return (b + 15) / 16 * 16; }
+
+// Workspace layout: [partials: num_tiles doubles][coef slot][desc table].
+size_t partials_bytes(int64_t num_tiles, bool reduce) {
+  return reduce ? round16(sizeof(double) * static_cast<size_t>(num_tiles + 1)) : 0;
+}
+
+struct DeviceInfo {
+  int sms = 0;
+  bool coop = false;
+  int64_t max_grid = INT_MAX;
+};
+
+// Test knobs, read once per device: FASTCLIP_CUDA_NO_COOP=1 takes the
+// three-launch fallback, FASTCLIP_CUDA_MAX_GRID=N caps the grid (the tests
+// check that neither changes a single bit of the result).
+void apply_test_knobs(DeviceInfo* info) {
+  const char* no_coop = std::getenv("FASTCLIP_CUDA_NO_COOP");
+  if (no_coop && no_coop[0] == '1') info->coop = false;
+  const char* max_grid = std::getenv("FASTCLIP_CUDA_MAX_GRID");
+  if (max_grid && std::atoll(max_grid) > 0) info->max_grid = std::atoll(max_grid);
+}
+
+// Attribute queries cost microseconds; a training step calls us every step.
+cudaError_t device_info(int dev, DeviceInfo* out) {
+  static std::mutex mu;
+  static std::map<int, DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it == cache.end()) {
+    DeviceInfo info;
+    int coop = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    if (e != cudaSuccess) return e;
+    info.coop = coop != 0;
+    apply_test_knobs(&info);
+    it = cache.emplace(dev, info).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+// Co-resident blocks of `kernel` per SM, capped at kMaxBlocksPerSM.
+cudaError_t blocks_per_sm(const void* kernel, int dev, int* out) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({dev, kernel});
+  if (it == cache.end()) {
+    int n = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0);
+    if (e != cudaSuccess) return e;
+    if (n == 0) return cudaErrorInvalidConfiguration;  // cannot run at kThreads on this device
+    it = cache.emplace(std::make_pair(dev, kernel), std::min(n, kMaxBlocksPerSM)).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+// Grid for `kernel`: one block per tile, at most what can be co-resident.
+template <typename Kernel>
+cudaError_t grid_for(Kernel kernel, int64_t num_tiles, int* grid, bool* coop) {
+  int dev = 0, per_sm = 0;
+  DeviceInfo info;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = device_info(dev, &info);
+  if (e == cudaSuccess) e = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, &per_sm);
+  if (e != cudaSuccess) return e;
+  *grid = static_cast<int>(std::min({num_tiles, int64_t{per_sm} * info.sms, info.max_grid}));
+  *coop = info.coop;
+  return cudaSuccess;
+}
+
+template <typename Arg>
+cudaError_t launch(void (*kernel)(Arg), int grid, bool cooperative, cudaStream_t stream, const Arg& arg) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = cooperative ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, arg);
+}
+
+template <int Cap>
+void fill_descs(Descs<Cap>* out, const TensorDesc* descs, int n, void* table) {
+  if constexpr (Cap == 0) {
+    out->d = static_cast<const TensorDesc*>(table);
+  } else {
+    std::copy(descs, descs + n, out->d);
+  }
+}
+
+template <int Cap>
+cudaError_t norm_and_clip_impl(const TensorDesc* descs, const Job& job, void* table, cudaStream_t stream) {
+  FusedArgs<Cap> args;
+  fill_descs(&args.descs, descs, job.n, table);
+  args.job = job;
+  int grid = 0;
+  bool coop = false;
+  cudaError_t e = grid_for(fused_kernel<Cap>, job.num_tiles, &grid, &coop);
+  if (e != cudaSuccess) return e;
+  if (grid == 1 || coop) {
+    e = launch(fused_kernel<Cap>, grid, grid > 1, stream, args);
+    if (e != cudaErrorCooperativeLaunchTooLarge) return e;  // e.g. an MPS SM limit
+    (void)cudaGetLastError();
+  }
+  e = grid_for(partials_kernel<Cap>, job.num_tiles, &grid, &coop);
+  if (e == cudaSuccess) e = launch(partials_kernel<Cap>, grid, false, stream, args);
+  if (e == cudaSuccess) e = launch(finish_kernel, 1, false, stream, job);
+  if (e != cudaSuccess || !job.clip) return e;
+  ScaleArgs<Cap> sargs;
+  sargs.descs = args.descs;
+  sargs.n = job.n;
+  sargs.num_tiles = job.num_tiles;
+  sargs.coef = job.coef_slot;
+  sargs.coef_double = true;
+  e = grid_for(scale_kernel<Cap>, job.num_tiles, &grid, &coop);
+  return e == cudaSuccess ? launch(scale_kernel<Cap>, grid, false, stream, sargs) : e;
+}
+
+template <int Cap>
+cudaError_t scale_impl(const TensorDesc* descs, int n, int64_t num_tiles, const void* coef, bool coef_double,
+                       void* table, cudaStream_t stream) {
+  ScaleArgs<Cap> args;
+  fill_descs(&args.descs, descs, n, table);
+  args.n = n;
+  args.num_tiles = num_tiles;
+  args.coef = coef;
+  args.coef_double = coef_double;
+  int grid = 0;
+  bool coop = false;
+  const cudaError_t e = grid_for(scale_kernel<Cap>, num_tiles, &grid, &coop);
+  return e == cudaSuccess ? launch(scale_kernel<Cap>, grid, false, stream, args) : e;
+}
+
+// Copies descs to the device table in parameter-sized pieces: kernel
+// parameters, unlike a host buffer, are captured by value in a CUDA graph, so
+// no pinned staging buffer has to outlive the call.
+cudaError_t upload(const TensorDesc* descs, int n, void* table, cudaStream_t stream) {
+  UploadArgs args;
+  for (int begin = 0; begin < n; begin += kInlineLarge) {
+    args.count = std::min(kInlineLarge, n - begin);
+    std::copy(descs + begin, descs + begin + args.count, args.d);
+    args.dst = static_cast<TensorDesc*>(table) + begin;
+    const cudaError_t e = launch(upload_kernel, 1, false, stream, args);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+Plan plan(TensorDesc* descs, int n, bool reduce) {
+  int64_t tiles = 0;
+  for (int i = 0; i < n; ++i) {
+    const int64_t per_tile = kTileBytes / elem_size(descs[i].dtype);
+    descs[i].first_tile = tiles;
+    tiles += (descs[i].numel + per_tile - 1) / per_tile;
+  }
+  const size_t table = n > kInlineLarge ? sizeof(TensorDesc) * static_cast<size_t>(n) : 0;
+  return {tiles, partials_bytes(tiles, reduce) + table};
+}
+
+cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p,
+                          bool clip, double max_norm, bool real_double, void* norm_out,
+                          bool norm_out_double, void* workspace, cudaStream_t stream) {
+  double* partials = static_cast<double*>(workspace);
+  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, real_double, norm_out, norm_out_double,
+                partials, partials + plan.num_tiles};
+  if (n <= kInlineSmall) return norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream);
+  if (n <= kInlineLarge) return norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream);
+  void* table = static_cast<char*>(workspace) + partials_bytes(plan.num_tiles, true);
+  const cudaError_t e = upload(descs, n, table, stream);
+  return e == cudaSuccess ? norm_and_clip_impl<0>(descs, job, table, stream) : e;
+}
+
+cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef, bool coef_double,
+                  void* workspace, cudaStream_t stream) {
+  if (n <= kInlineSmall) return scale_impl<kInlineSmall>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream);
+  if (n <= kInlineLarge) return scale_impl<kInlineLarge>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream);
+  const cudaError_t e = upload(descs, n, workspace, stream);
+  return e == cudaSuccess ? scale_impl<0>(descs, n, plan.num_tiles, coef, coef_double, workspace, stream) : e;
+}
+
+}  // namespace fastclip::gpu

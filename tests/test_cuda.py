@@ -1,0 +1,333 @@
+"""GPU tests of the CUDA backend (csrc/cuda): parity with torch.nn.utils for every
+dtype and norm type, graph capture and replay, misaligned views, thousands of
+tensors, int64 sizes, bitwise determinism across grid sizes and the fallback
+path, no deadlock beside a busy stream, opcheck. Skipped where no GPU is present.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA backend needs one to run"
+)
+
+import fastclip  # noqa: E402
+from fastclip import _ops  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+NORM_TYPES = [1.0, 2.0, math.inf, 3.0, 0.5]
+# A mix of sizes: scalars, biases, a tensor spanning many 32 KiB tiles with a
+# short last tile, and one a little over a tile.
+SHAPES = [(), (7,), (64,), (64, 4), (300, 257), (3, 5, 7), (8193,), (1,)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_kernels_built():
+    # A GPU without the CUDA kernels would send everything through the reference
+    # path and every parity test would pass vacuously: fail loudly instead.
+    assert _ops.CUDA_BUILT, f"fastclip was built without its CUDA kernels ({_ops.LOAD_ERROR})"
+
+
+def make_params(shapes, dtypes, device="cuda", seed=0, scale=1.0):
+    """Parameters whose .grad are random, with a different magnitude per tensor."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        dtype = dtypes[i % len(dtypes)]
+        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale * (1 + i % 5)
+        p.grad = g.to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def ref_norm64(grads, norm_type):
+    """The exact answer: the p-norm of the grads computed in fp64."""
+    flat = torch.cat([g.detach().double().flatten().cpu() for g in grads])
+    return torch.linalg.vector_norm(flat, norm_type).item()
+
+
+def ulp_floor(dtype, magnitude):
+    """Rounding slack: 1 ulp for 16-bit results (their rounding dominates), 4 for fp32/fp64
+    (a few ulps of summation order, which may happen to favour torch on a given input)."""
+    ulps = 1 if torch.finfo(dtype).bits == 16 else 4
+    return ulps * torch.finfo(dtype).eps * abs(magnitude)
+
+
+def assert_matches_reference(params_in, fc_params, fc_norm, torch_params, torch_norm, max_norm, norm_type):
+    """fastclip's norm and clipped grads are no further from the fp64 truth than
+    twice torch's own error (plus ulp_floor of the result dtype)."""
+    grads_in = [p.grad for p in params_in]
+    norm64 = ref_norm64(grads_in, norm_type)
+    coef64 = min(max_norm / (norm64 + 1e-6), 1.0)
+    assert fc_norm.dtype == torch_norm.dtype and fc_norm.device == torch_norm.device
+    fc_err, torch_err = abs(fc_norm.item() - norm64), abs(torch_norm.item() - norm64)
+    assert fc_err <= 2 * torch_err + ulp_floor(fc_norm.dtype, norm64), (fc_norm.item(), torch_norm.item(), norm64)
+    for g_in, p_fc, p_t in zip(grads_in, fc_params, torch_params):
+        want = g_in.double() * coef64
+        fc_e = (p_fc.grad.double() - want).abs().max().item() if want.numel() else 0.0
+        t_e = (p_t.grad.double() - want).abs().max().item() if want.numel() else 0.0
+        floor = ulp_floor(g_in.dtype, want.abs().max().item() if want.numel() else 0.0)
+        assert fc_e <= 2 * t_e + floor, (g_in.dtype, fc_e, t_e)
+
+
+def run_both(params, max_norm_factor, norm_type, **kw):
+    """Clip clones with fastclip and with torch; max_norm = factor * true norm."""
+    norm64 = ref_norm64([p.grad for p in params], norm_type)
+    max_norm = max_norm_factor * norm64
+    fc, tc = clone_params(params), clone_params(params)
+    fc_norm = fastclip.clip_grad_norm_(fc, max_norm, norm_type=norm_type, **kw)
+    torch_norm = torch.nn.utils.clip_grad_norm_(tc, max_norm, norm_type=norm_type, **kw)
+    torch.cuda.synchronize()
+    return fc, fc_norm, tc, torch_norm, max_norm
+
+
+def test_backend_is_cuda():
+    assert fastclip.backend() == "cuda"
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=lambda p: f"p={p}")
+@pytest.mark.parametrize("dtypes", ["fp32", "fp64", "fp16", "bf16", "mixed"])
+def test_parity_with_torch(dtypes, norm_type):
+    dts = list(DTYPES.values()) if dtypes == "mixed" else [DTYPES[dtypes]]
+    params = make_params(SHAPES, dts, seed=10 * len(dtypes) + NORM_TYPES.index(norm_type))
+    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, norm_type, foreach=True)
+    assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, norm_type)
+    for p_in, p_fc in zip(params, fc):  # clipping really happened
+        if p_in.grad.abs().max() > 0.01:
+            assert not torch.equal(p_in.grad, p_fc.grad)
+
+
+def test_negative_control_detects_wrong_results():
+    """The comparison can fail: a 0.1% wrong coefficient or norm is caught."""
+    params = make_params(SHAPES, [torch.float32], seed=1)
+    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
+    for p in fc:
+        p.grad.mul_(1.001)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
+    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(params, fc, fc_norm * 1.001, tc, torch_norm, max_norm, 2.0)
+
+
+def test_no_clip_leaves_grads_bitwise_unchanged():
+    params = make_params(SHAPES, list(DTYPES.values()), seed=2)
+    fc, _, _, _, _ = run_both(params, 10.0, 2.0)
+    for p_in, p_fc in zip(params, fc):
+        assert torch.equal(p_in.grad, p_fc.grad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_like_torch(bad):
+    params = make_params(SHAPES, [torch.float32, torch.bfloat16], seed=3)
+    params[4].grad[17, 3] = bad
+    fc, fc_norm, tc, torch_norm, _ = run_both(params, 0.5, 2.0)
+    assert torch.equal(fc_norm.isnan(), torch_norm.isnan()) and torch.equal(fc_norm.isinf(), torch_norm.isinf())
+    for p_fc, p_t in zip(fc, tc):
+        torch.testing.assert_close(p_fc.grad, p_t.grad, equal_nan=True, rtol=1e-2, atol=1e-3)
+    snapshot = clone_params(params)
+    with pytest.raises(RuntimeError):
+        fastclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    for p, s in zip(params, snapshot):
+        assert torch.equal(p.grad.isnan(), s.grad.isnan()) and torch.equal(p.grad.nan_to_num(), s.grad.nan_to_num())
+
+
+def test_raw_ops():
+    params = make_params(SHAPES, [torch.float32, torch.float16], seed=4)
+    grads = [p.grad for p in params]
+    norm64 = ref_norm64(grads, 2.0)
+
+    norm = torch.ops.fastclip.total_norm(grads, 2.0)
+    assert norm.dtype == torch.float32 and norm.dim() == 0 and norm.is_cuda
+    assert abs(norm.item() - norm64) <= 1e-5 * norm64
+    norm_d = torch.ops.fastclip.total_norm(grads + [torch.ones(3, dtype=torch.float64, device="cuda")], 2.0)
+    assert norm_d.dtype == torch.float64
+
+    for coef_dtype in (torch.float32, torch.float64):
+        gs = [g.clone() for g in grads]
+        torch.ops.fastclip.scale_(gs, torch.tensor(0.25, dtype=coef_dtype, device="cuda"))
+        for g, g0 in zip(gs, grads):
+            torch.testing.assert_close(g, (g0.float() * 0.25).to(g0.dtype), rtol=0, atol=0)
+    gs = [g.clone() for g in grads]
+    torch.ops.fastclip.scale_(gs, torch.tensor(1.0, device="cuda"))
+    assert all(torch.equal(g, g0) for g, g0 in zip(gs, grads))
+
+    gs = [g.clone() for g in grads]
+    n = torch.ops.fastclip.clip_grad_norm_(gs, 0.5 * norm64, 2.0)
+    assert abs(n.item() - norm64) <= 1e-5 * norm64
+    coef = 0.5 * norm64 / (n.item() + 1e-6)
+    for g, g0 in zip(gs, grads):
+        torch.testing.assert_close(g.double(), g0.double() * coef, rtol=2e-3, atol=1e-6)
+
+
+def test_misaligned_views_and_layouts():
+    """Views at odd element offsets (misaligned 16-byte loads), permuted dense
+    tensors, strided views; memory around each view must stay untouched."""
+    bases, params = [], []
+    for i, (dtype, n) in enumerate([(torch.float16, 3 * 16384 + 5), (torch.bfloat16, 9), (torch.float32, 8192 + 3),
+                                    (torch.float64, 4096 * 2 + 1), (torch.float32, 1), (torch.float16, 7)]):
+        base = torch.randn(n + 9, device="cuda").to(dtype)
+        bases.append((base, base.clone(), 1 + i % 3, n))
+        p = torch.nn.Parameter(torch.empty(n, dtype=dtype, device="cuda"))
+        p.grad = base[1 + i % 3: 1 + i % 3 + n]
+        params.append(p)
+    t = torch.nn.Parameter(torch.empty(40, 30, device="cuda"))
+    t.grad = torch.randn(30, 40, device="cuda").t()  # dense, permuted
+    s = torch.nn.Parameter(torch.empty(50, 20, device="cuda"))
+    parent = torch.randn(50, 40, device="cuda")
+    parent_before = parent.clone()
+    s.grad = parent[:, ::2]  # not dense: copied, then written back
+    params += [t, s]
+    before, want = clone_params(params), clone_params(params)
+    max_norm = 0.25 * ref_norm64([p.grad for p in params], 2.0)
+    fc_norm = fastclip.clip_grad_norm_(params, max_norm)
+    torch_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
+    assert_matches_reference(before, params, fc_norm, want, torch_norm, max_norm, 2.0)
+    for base, base0, off, n in bases:
+        assert torch.equal(base[:off], base0[:off]) and torch.equal(base[off + n:], base0[off + n:])
+    assert torch.equal(parent[:, 1::2], parent_before[:, 1::2])
+
+
+@pytest.mark.parametrize("n", [16, 17, 1000, 1001, 2500])
+def test_many_tensors(n):
+    """Both parameter-space descriptor sizes and the uploaded device table."""
+    gen = torch.Generator().manual_seed(n)
+    shapes = [(int(torch.randint(1, 300, (1,), generator=gen)),) for _ in range(n)]
+    params = make_params(shapes, [torch.float32, torch.bfloat16], seed=n)
+    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
+    assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
+
+
+@pytest.mark.parametrize("n_tensors", [6, 1500])
+def test_graph_capture_and_replay(n_tensors):
+    shapes = SHAPES if n_tensors == 6 else [(i % 97 + 1,) for i in range(n_tensors)]
+    params = make_params(shapes[:n_tensors], [torch.float32, torch.float16], seed=5)
+    max_norm = 0.3 * ref_norm64([p.grad for p in params], 2.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside capture, as torch requires
+        fastclip.clip_grad_norm_(clone_params(params), max_norm)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_norm = fastclip.clip_grad_norm_(params, max_norm)
+    for step in range(3):
+        fresh = make_params(shapes[:n_tensors], [torch.float32, torch.float16], seed=100 + step)
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f.grad)  # new values, same storage
+        want = clone_params(fresh)
+        want_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(fresh, params, out_norm, want, want_norm, max_norm, 2.0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_devices():
+    params = make_params(SHAPES, [torch.float32], seed=6)
+    for i, p in enumerate(params):
+        if i % 2:
+            p.data, p.grad = p.data.to("cuda:1"), p.grad.to("cuda:1")
+    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
+    assert fc_norm.device == torch_norm.device
+    for p_fc, p_t in zip(fc, tc):
+        assert p_fc.grad.device == p_t.grad.device
+        torch.testing.assert_close(p_fc.grad, p_t.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_int64_sizes():
+    """A tensor of more than 2**31 elements (4 GiB as bf16)."""
+    n = 2**31 + 4099
+    if torch.cuda.get_device_properties(0).total_memory < 3 * 2 * n:
+        pytest.skip("needs ~13 GB of GPU memory")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g[-1] = 64.0
+    norm = torch.ops.fastclip.total_norm([g], 2.0)
+    assert abs(norm.item() - math.sqrt(n - 1 + 64.0**2)) <= 1e-6 * math.sqrt(n)
+    assert torch.ops.fastclip.total_norm([g], math.inf).item() == 64.0
+    torch.ops.fastclip.scale_([g], torch.tensor(0.5, device="cuda"))
+    assert g[-1].item() == 32.0 and g[2**31 + 7].item() == 0.5 and g[0].item() == 0.5
+    del g
+    torch.cuda.empty_cache()
+
+
+# Run in subprocesses: the grid-size knobs are read once per process, and a
+# deadlock must fail the test (timeout) rather than hang the suite.
+_DRIVER = textwrap.dedent("""
+    import sys, torch, fastclip
+    torch.manual_seed(7)
+    small = [torch.randn(s, device="cuda") for s in [(64, 4), (64,), (300, 257), (8193,)]]
+    big = [torch.randn(35_000_000, device="cuda"), torch.randn(513, device="cuda").half()]  # > 4096 tiles
+    out = []
+    for grads in (small, big):
+        out.append(torch.ops.fastclip.total_norm(grads, 2.0).cpu())
+        gs = [g.clone() for g in grads]
+        out.append(torch.ops.fastclip.clip_grad_norm_(gs, 1.0, 2.0).cpu())
+        out += [g.cpu() for g in gs]
+    torch.save(out, sys.argv[1])
+""")
+
+
+def _run_driver(tmp_path, name, env):
+    path = tmp_path / f"{name}.pt"
+    subprocess.run([sys.executable, "-c", _DRIVER, str(path)], env={**os.environ, **env}, check=True, timeout=300)
+    return torch.load(path)
+
+
+def test_bitwise_deterministic_across_runs_grids_and_fallback(tmp_path):
+    base = _run_driver(tmp_path, "default", {})
+    variants = {
+        "again": {},
+        "grid1": {"FASTCLIP_CUDA_MAX_GRID": "1"},
+        "grid7": {"FASTCLIP_CUDA_MAX_GRID": "7"},
+        "fallback": {"FASTCLIP_CUDA_NO_COOP": "1"},
+    }
+    for name, env in variants.items():
+        other = _run_driver(tmp_path, name, env)
+        for a, b in zip(base, other):
+            assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+
+
+_BUSY = textwrap.dedent("""
+    import torch, fastclip
+    a = torch.randn(4096, 4096, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for _ in range(200):
+            a = torch.tanh(a @ a)  # keeps every SM busy while we launch
+    params = [torch.nn.Parameter(torch.empty(s, device="cuda")) for s in [(3000, 1000), (64,), (512, 3136)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(50):
+        norm = fastclip.clip_grad_norm_(params, 1.0)
+    torch.cuda.synchronize()
+    assert abs(norm.item() - 1.0) < 1e-3, norm.item()
+""")
+
+
+def test_no_deadlock_beside_busy_stream():
+    subprocess.run([sys.executable, "-c", _BUSY], check=True, timeout=240)
+
+
+def test_opcheck():
+    grads = [p.grad for p in make_params([(33,), (4, 5)], [torch.float32, torch.bfloat16], seed=8)]
+    torch.library.opcheck(torch.ops.fastclip.total_norm.default, ([g.clone() for g in grads], 2.0))
+    torch.library.opcheck(torch.ops.fastclip.clip_grad_norm_.default, ([g.clone() for g in grads], 0.1, 2.0))
+    torch.library.opcheck(
+        torch.ops.fastclip.scale_.default, ([g.clone() for g in grads], torch.tensor(0.5, device="cuda"))
+    )
