@@ -12,6 +12,8 @@ TORCH_LIBRARY(fastclip, m) {
   // device, already clamped. When coef == 1 nothing is stored.
   m.def("scale_(Tensor(a!)[] grads, Tensor coef) -> ()");
   // Fused total_norm + coefficient + scale_: one call (one launch on CUDA).
-  // Returns the accurate norm as total_norm does.
-  m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+  // The coefficient comes from the accurate norm; the returned norm is written
+  // in norm_dtype (default: total_norm's dtype), so returning it in the grads'
+  // dtype, as torch does, costs no extra cast.
+  m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, ScalarType? norm_dtype=None) -> Tensor");
 }

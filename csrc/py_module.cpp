@@ -54,13 +54,12 @@ py::object clip_params(const py::sequence& params, double max_norm, double norm_
   if (!gather_grads(params, grads, dtype)) return py::none();
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastclip::clip_grad_norm_", "")
-                             .typed<at::Tensor(at::TensorList, double, double)>();
+                             .typed<at::Tensor(at::TensorList, double, double, std::optional<at::ScalarType>)>();
   at::Tensor norm;
   {
     py::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;  // grads may require grad (create_graph=True); clipping is not recorded
-    norm = op.call(grads, max_norm, norm_type);
-    if (norm.scalar_type() != dtype) norm = norm.to(dtype);
+    norm = op.call(grads, max_norm, norm_type, dtype);
   }
   return py::cast(norm);
 }

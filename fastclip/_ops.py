@@ -48,8 +48,9 @@ if LOADED:
         return None
 
     @torch.library.register_fake("fastclip::clip_grad_norm_")
-    def _(grads, max_norm, norm_type):
-        return _norm_like(grads)
+    def _(grads, max_norm, norm_type, norm_dtype=None):
+        norm = _norm_like(grads)
+        return norm if norm_dtype is None else norm.to(norm_dtype)
 
 
 def has_kernels(device_type):

@@ -224,7 +224,7 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         if len(groups) == 1 and not error_if_nonfinite:
             (device, gs), = groups.items()
             if _fused_ok(gs, device, norm_type):
-                return _ops.clip_grad_norm_(gs, max_norm, norm_type).to(dtype)
+                return _ops.clip_grad_norm_(gs, max_norm, norm_type, dtype)
         # Norm first (the check sees it before any grad is touched), then scale.
         norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
         if error_if_nonfinite:

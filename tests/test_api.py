@@ -108,11 +108,16 @@ def test_backend_is_compiled_after_a_plain_install():
 
 
 @needs_extension
-@pytest.mark.parametrize("op", ["total_norm", "clip_grad_norm_", "scale_"])
-def test_opcheck(op):
+@pytest.mark.parametrize("case", ["total_norm", "clip_grad_norm_", "clip_grad_norm_/bf16", "scale_"])
+def test_opcheck(case):
     gs = [g.clone() for g in grads(make_params([(5, 7), (3,), (0,)], scale=4.0))] + [torch.randn(4, dtype=torch.float64)]
-    args = {"total_norm": (gs, 2.0), "clip_grad_norm_": (gs, 0.5, 2.0), "scale_": (gs, torch.tensor(0.5, dtype=torch.float64))}[op]
-    torch.library.opcheck(getattr(torch.ops.fastclip, op).default, args)
+    args = {
+        "total_norm": (gs, 2.0),
+        "clip_grad_norm_": (gs, 0.5, 2.0),
+        "clip_grad_norm_/bf16": (gs, 0.5, 2.0, torch.bfloat16),  # the norm returned in bf16
+        "scale_": (gs, torch.tensor(0.5, dtype=torch.float64)),
+    }[case]
+    torch.library.opcheck(getattr(torch.ops.fastclip, case.split("/")[0]).default, args)
 
 
 @needs_extension

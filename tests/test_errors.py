@@ -111,3 +111,7 @@ def test_the_op_itself_rejects_bad_input_clearly():
         op([torch.ones(3, dtype=torch.int64)], 1.0, 2.0)
     with pytest.raises(RuntimeError, match="norm_type must be > 0"):
         op([torch.ones(3)], 1.0, 0.0)
+    g = torch.full((3,), 10.0)
+    with pytest.raises(RuntimeError, match="norm_dtype"):
+        op([g], 1.0, 2.0, torch.int32)
+    assert torch.equal(g, torch.full((3,), 10.0))  # rejected before the grads were touched

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "clip_math.h"
@@ -231,10 +232,22 @@ void scale_grads(const GradSet& set, double coef) {
   for (const at::Tensor& g : set.strided) g.mul_(g.scalar_type() == at::kDouble ? coef : double(coef_f));
 }
 
-at::Tensor norm_tensor(const GradSet& set, double norm) {
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(set.any_double ? at::kDouble : at::kFloat));
-  if (set.any_double) *out.data_ptr<double>() = norm;
-  else *out.data_ptr<float>() = static_cast<float>(norm);
+// The dtype the norm is returned in: the caller's, else float64 if any grad
+// is fp64, else float32.
+at::ScalarType norm_dtype_for(const GradSet& set, std::optional<at::ScalarType> requested) {
+  const at::ScalarType t = requested.value_or(set.any_double ? at::kDouble : at::kFloat);
+  TORCH_CHECK(is_supported(t), "fastclip: norm_dtype must be float32, float64, float16 or bfloat16, got ", t);
+  return t;
+}
+
+at::Tensor norm_tensor(double norm, at::ScalarType dtype) {
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
+  switch (dtype) {
+    case at::kDouble: *out.data_ptr<double>() = norm; break;
+    case at::kFloat: *out.data_ptr<float>() = static_cast<float>(norm); break;
+    case at::kHalf: *out.data_ptr<Half>() = static_cast<float>(norm); break;
+    default: *out.data_ptr<BFloat16>() = static_cast<float>(norm); break;
+  }
   return out;
 }
 
@@ -248,7 +261,7 @@ void check_norm_type(double p, const char* op) {
 at::Tensor total_norm_cpu(at::TensorList grads, double norm_type) {
   check_norm_type(norm_type, "total_norm");
   const GradSet set = make_grad_set(grads, "total_norm");
-  return norm_tensor(set, global_norm(set, norm_type));
+  return norm_tensor(global_norm(set, norm_type), norm_dtype_for(set, std::nullopt));
 }
 
 void scale_cpu(at::TensorList grads, const at::Tensor& coef) {
@@ -257,12 +270,14 @@ void scale_cpu(at::TensorList grads, const at::Tensor& coef) {
   scale_grads(set, coef.item<double>());
 }
 
-at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
+at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type,
+                              std::optional<at::ScalarType> norm_dtype) {
   check_norm_type(norm_type, "clip_grad_norm_");
   const GradSet set = make_grad_set(grads, "clip_grad_norm_");
+  const at::ScalarType out_dtype = norm_dtype_for(set, norm_dtype);  // checked before any grad is touched
   const double norm = global_norm(set, norm_type);
   scale_grads(set, set.any_double ? clip_coef<double>(max_norm, norm) : clip_coef<float>(max_norm, norm));
-  return norm_tensor(set, norm);
+  return norm_tensor(norm, out_dtype);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -75,31 +76,35 @@ void copy_back(const Grads& g) {
   for (const auto& [grad, span] : g.copies) grad.copy_(span);
 }
 
-// total_norm and clip_grad_norm_ share everything but the scaling.
-at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double max_norm) {
+// total_norm and clip_grad_norm_ share everything but the scaling. The norm
+// is returned in `requested` if given, else float64/float32.
+at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double max_norm,
+                     std::optional<at::ScalarType> requested) {
   TORCH_CHECK(norm_type > 0, "fastclip: the fused CUDA norm needs norm_type > 0 or inf, got ", norm_type);
   TORCH_CHECK(!grads.empty(), "fastclip: empty list of grads");
   c10::DeviceGuard guard(grads[0].device());
   Grads g = gather(grads);
-  const auto norm_dtype = g.any_double ? at::kDouble : at::kFloat;
+  const auto norm_dtype = requested.value_or(g.any_double ? at::kDouble : at::kFloat);
+  const gpu::DType norm_out_dtype = to_dtype(norm_dtype);  // checks it before any grad is touched
   if (g.descs.empty()) return at::zeros({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
 
   at::Tensor norm = at::empty({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/true);
   at::Tensor ws = workspace(g.device, plan.workspace_bytes);
   check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type),
-                           norm_type, clip, max_norm, g.any_double, norm.data_ptr(), g.any_double,
+                           norm_type, clip, max_norm, g.any_double, norm.data_ptr(), norm_out_dtype,
                            ws.data_ptr(), current_stream(g.device)));
   if (clip) copy_back(g);
   return norm;
 }
 
 at::Tensor total_norm_cuda(at::TensorList grads, double norm_type) {
-  return norm_impl(grads, norm_type, /*clip=*/false, 0.0);
+  return norm_impl(grads, norm_type, /*clip=*/false, 0.0, std::nullopt);
 }
 
-at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
-  return norm_impl(grads, norm_type, /*clip=*/true, max_norm);
+at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type,
+                               std::optional<at::ScalarType> norm_dtype) {
+  return norm_impl(grads, norm_type, /*clip=*/true, max_norm, norm_dtype);
 }
 
 void scale_cuda(at::TensorList grads, const at::Tensor& coef) {

@@ -79,7 +79,7 @@ struct Job {
   double max_norm;
   bool real_double;
   void* norm_out;
-  bool norm_out_double;
+  DType norm_out_dtype;
   double* partials;   // [num_tiles]
   double* coef_slot;  // coefficient handed from the reducing block to the others
 };
@@ -259,8 +259,12 @@ __device__ double coefficient(const Job& job, double norm) {
 }
 
 __device__ void write_norm(const Job& job, double norm) {
-  if (job.norm_out_double) *static_cast<double*>(job.norm_out) = norm;
-  else *static_cast<float*>(job.norm_out) = static_cast<float>(norm);
+  switch (job.norm_out_dtype) {
+    case DType::F64: *static_cast<double*>(job.norm_out) = norm; break;
+    case DType::F32: *static_cast<float*>(job.norm_out) = static_cast<float>(norm); break;
+    case DType::F16: *static_cast<__half*>(job.norm_out) = __float2half_rn(static_cast<float>(norm)); break;
+    default: *static_cast<__nv_bfloat16*>(job.norm_out) = __float2bfloat16_rn(static_cast<float>(norm)); break;
+  }
 }
 
 // ---- phase 1: one partial per tile -----------------------------------------
@@ -604,9 +608,9 @@ Plan plan(TensorDesc* descs, int n, bool reduce) {
 
 cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p,
                           bool clip, double max_norm, bool real_double, void* norm_out,
-                          bool norm_out_double, void* workspace, cudaStream_t stream) {
+                          DType norm_out_dtype, void* workspace, cudaStream_t stream) {
   double* partials = static_cast<double*>(workspace);
-  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, real_double, norm_out, norm_out_double,
+  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, real_double, norm_out, norm_out_dtype,
                 partials, partials + plan.num_tiles};
   if (n <= kInlineSmall) return norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream);
   if (n <= kInlineLarge) return norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream);

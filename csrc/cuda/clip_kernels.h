@@ -42,8 +42,7 @@ struct Plan {
 // descriptors when there are too many for the kernel parameter space.
 Plan plan(TensorDesc* descs, int n, bool reduce);
 
-// Global norm of the tensors, written as a float (or double when
-// norm_out_double) to norm_out. With `clip`, also scales every tensor in place
+// Global norm of the tensors, written to norm_out in norm_out_dtype. With `clip`, also scales every tensor in place
 // by clip_coef<float or double (real_double)>(max_norm, norm), storing nothing
 // when that coefficient is exactly 1. p > 0 (or kind == Inf). One cooperative
 // launch when the device supports it, else three ordinary launches; never
@@ -51,7 +50,7 @@ Plan plan(TensorDesc* descs, int n, bool reduce);
 // device memory, 16-byte aligned, no initialisation needed.
 cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind,
                           double p, bool clip, double max_norm, bool real_double,
-                          void* norm_out, bool norm_out_double, void* workspace,
+                          void* norm_out, DType norm_out_dtype, void* workspace,
                           cudaStream_t stream);
 
 // Scales every tensor in place by *coef (a float, or a double when
