@@ -331,3 +331,18 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.fastclip.scale_.default, ([g.clone() for g in grads], torch.tensor(0.5, device="cuda"))
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_kernel_launch_per_call(dtype):
+    """The point of fastclip: one launch, no memset, no copy, even when the norm
+    is returned in the grads' half-precision dtype."""
+    params = make_params([(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)], [dtype])
+    fastclip.clip_grad_norm_(params, 0.1)  # warm: caching allocator, attribute caches
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        norm = fastclip.clip_grad_norm_(params, 0.1)
+        torch.cuda.synchronize()
+    assert norm.dtype == dtype
+    gpu_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(gpu_events) == 1, gpu_events
