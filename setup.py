@@ -54,8 +54,10 @@ def _extension():
     debug = _flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "py_module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    cxx = opt + ["-Wall", "-Wno-unknown-pragmas"] + _cpu_isa_flags(torch)
-    kwargs = dict(include_dirs=[CSRC], extra_compile_args={"cxx": cxx})
+    # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one
+    # thread. Linking with -fopenmp resolves to the libgomp torch already loads.
+    cxx = opt + ["-Wall", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_isa_flags(torch)
+    kwargs = dict(include_dirs=[CSRC], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
     if not want_cuda:
         return CppExtension("fastclip._C", sources, **kwargs)

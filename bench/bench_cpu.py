@@ -1,0 +1,608 @@
+#!/usr/bin/env python
+"""CPU microbenchmark: fastclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_.
+
+For each model-shaped set of gradients (and each dtype) it times, in one process and
+interleaved round-robin (the order rotates every repeat):
+
+  fastclip     fastclip.clip_grad_norm_(params, max_norm)
+  torch        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+  torch-loop   torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+  mul_         x.mul_(0.5) on one contiguous fp32 buffer of as many bytes (the bandwidth probe)
+
+max_norm is 1e-3 of the true norm, so every call really scales every gradient. Before each timed
+call the gradients (or the probe buffer) are restored from a saved copy, outside the timed region,
+so the clip coefficient is the same ~1e-3 on every repeat. Times are medians over the repeats after
+a warm-up.
+
+Bandwidth floor: clipping must read every element twice (norm pass, scale pass) and write it once,
+12 bytes per fp32 element (6 per bf16). The in-place mul_ on an fp32 buffer of the same byte size
+reads and writes every byte once, so with its measured bandwidth the floor is 1.5 x t(mul_).
+"% floor" = floor / time: 100% means the call runs at the memory bandwidth this machine shows for
+a plain in-place multiply of the same size. (The probe is fp32 even for bf16 grads: torch's bf16
+mul_ converts to fp32 and back and runs at about half the bandwidth of the fp32 one here, which
+would make a bf16 floor twice too lenient.)
+
+Before timing, a correctness guard checks fastclip against torch (and an fp64 reference) on the
+case itself; a case that fails is reported as MISMATCH, is not timed, and the exit status is 1.
+
+    python -m bench.bench_cpu --quick
+    python -m bench.bench_cpu                     # writes bench/results/cpu-<date>.json
+    python bench/bench_cpu.py --threads 1 --cases mlp,cnn --dtypes fp32
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if not __package__:
+    # Run as `python bench/bench_cpu.py`: import fastclip (and `bench`) from this checkout, exactly
+    # as `python -m bench.bench_cpu` run from the repository root does.
+    sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover - tqdm is optional
+    tqdm = None
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# --------------------------------------------------------------------------------------------
+# Model-shaped gradient sets
+# --------------------------------------------------------------------------------------------
+
+
+def _mlp_shapes():
+    # CartPole MLP 4-64-64-2: weight (out, in) and bias per Linear -> 6 tensors, 4,610 elements.
+    return [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]
+
+
+def _nature_cnn_shapes():
+    # Nature DQN (Mnih et al. 2015), 4x84x84 input, 6 actions -> 10 tensors, 1,687,206 elements.
+    return [
+        (32, 4, 8, 8), (32,),
+        (64, 32, 4, 4), (64,),
+        (64, 64, 3, 3), (64,),
+        (512, 3136), (512,),
+        (6, 512), (6,),
+    ]
+
+
+def _gpt2_shapes():
+    # Two GPT-2-small blocks (d=768): q, k, v, out projections 768x768, MLP 3072x768 and
+    # 768x3072, each with its bias -> 24 tensors, 14,169,600 elements.
+    block = [
+        (768, 768), (768,), (768, 768), (768,), (768, 768), (768,), (768, 768), (768,),
+        (3072, 768), (3072,), (768, 3072), (768,),
+    ]
+    return block * 2
+
+
+def _big_shapes():
+    return [(8192, 8192)]  # one 64M-element tensor (67,108,864)
+
+
+def _tiny_shapes(n=3000, seed=0):
+    # Thousands of tiny tensors (1..128 elements, some 2-D): per-tensor overhead dominates.
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 129, (n,), generator=g).tolist()
+    return [(k,) if i % 3 else (1, k) for i, k in enumerate(lengths)]
+
+
+# name -> (description, shapes fn, issue #2 target speed-up over the best torch variant)
+CASES = {
+    "mlp": ("MLP 4-64-64-2", _mlp_shapes, 10.0),
+    "cnn": ("Nature DQN CNN", _nature_cnn_shapes, 1.5),
+    "gpt2": ("GPT-2-like x2 blocks", _gpt2_shapes, 1.5),
+    "big": ("one 64M tensor", _big_shapes, 1.5),
+    "tiny": ("3000 tiny tensors", _tiny_shapes, None),
+}
+
+
+def _numel(shape):
+    return math.prod(shape)
+
+
+class GradSet:
+    """Parameters with .grad set, a flat saved copy to restore from, and a same-size probe buffer."""
+
+    def __init__(self, shapes, dtype, seed=0):
+        self.shapes = shapes
+        self.dtype = dtype
+        self.numel = sum(_numel(s) for s in shapes)
+        g = torch.Generator().manual_seed(seed)
+        # Saved values: one flat buffer; the grads themselves are separate allocations, as in a model.
+        self.saved = torch.randn(self.numel, generator=g, dtype=torch.float32).to(dtype)
+        self.saved_views = []
+        off = 0
+        for s in shapes:
+            n = _numel(s)
+            self.saved_views.append(self.saved[off:off + n].view(s))
+            off += n
+        self.grads = [torch.empty(s, dtype=dtype) for s in shapes]
+        self.params = []
+        for s, gr in zip(shapes, self.grads):
+            p = torch.nn.Parameter(torch.empty(s, dtype=dtype))  # never touched: pages stay lazy
+            p.grad = gr
+            self.params.append(p)
+        # Bandwidth probe: fp32, same number of bytes as the grads (see the module docstring).
+        n_probe = -(-self.numel * self.saved.element_size() // 4)
+        self.probe = torch.empty(n_probe, dtype=torch.float32)
+        self.probe_saved = (self.saved if dtype == torch.float32
+                            else torch.randn(n_probe, generator=g, dtype=torch.float32))
+        self.restore()
+        self.restore_probe()
+        # The true norm, in fp64, and a max_norm 1e-3 of it: every call clips, coefficient ~1e-3.
+        self.norm64 = math.sqrt(sum(
+            float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in self.saved_views))
+        self.max_norm = 1e-3 * self.norm64
+
+    def restore(self):
+        torch._foreach_copy_(self.grads, self.saved_views)
+
+    def restore_probe(self):
+        self.probe.copy_(self.probe_saved)
+
+    @property
+    def nbytes(self):
+        return self.numel * self.saved.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness guard
+# --------------------------------------------------------------------------------------------
+
+
+def check_case(fastclip, gs: GradSet):
+    """Check fastclip on this very case, before timing it. Returns (error or None, info).
+
+    fastclip must match the fp64 reference (norm, and grads = saved * max_norm/(norm + 1e-6))
+    tightly, and torch's foreach result within torch's own error: torch's fp32 norm of a large
+    tensor is itself off (0.5% for 64M elements here, fp32 accumulation), so the tolerance
+    against torch is widened by twice torch's measured error against the fp64 reference.
+    """
+    fp32 = gs.dtype == torch.float32
+    # bf16: the returned norm and the scaled grads are rounded to 8 mantissa bits (2^-8 = 3.9e-3).
+    ref_norm_rtol = 1e-5 if fp32 else 4e-3
+    ref_grad_rtol = 2e-5 if fp32 else 1e-2
+    torch_norm_rtol = 1e-4 if fp32 else 8e-3
+    torch_grad_rtol = 1e-4 if fp32 else 3e-2   # torch takes its coefficient from a bf16 norm
+    coef_ref = min(1.0, gs.max_norm / (gs.norm64 + 1e-6))
+
+    gs.restore()
+    n_torch = torch.nn.utils.clip_grad_norm_(gs.params, gs.max_norm, foreach=True)
+    expected = [g.clone() for g in gs.grads]
+    gs.restore()
+    n_fc = fastclip.clip_grad_norm_(gs.params, gs.max_norm)
+    info = {"norm_fp64": gs.norm64, "norm_torch": float(n_torch), "coef_fp64": coef_ref}
+    try:
+        if not isinstance(n_fc, torch.Tensor) or n_fc.dim() != 0:
+            return f"returned {type(n_fc).__name__} {getattr(n_fc, 'shape', '')}, not a 0-dim tensor", info
+        info["norm_fastclip"] = float(n_fc)
+        torch_err = abs(float(n_torch) - gs.norm64) / gs.norm64
+        info["torch_norm_rel_err"] = torch_err
+        info["fastclip_norm_rel_err"] = abs(float(n_fc) - gs.norm64) / gs.norm64
+        if n_fc.dtype != n_torch.dtype:
+            return f"norm dtype {n_fc.dtype}, torch returns {n_torch.dtype}", info
+        if info["fastclip_norm_rel_err"] > ref_norm_rtol:
+            return (f"norm {float(n_fc):.9g} vs fp64 reference {gs.norm64:.9g} "
+                    f"(rel err {info['fastclip_norm_rel_err']:.2e} > {ref_norm_rtol})"), info
+        tol = torch_norm_rtol + 2 * torch_err
+        if abs(float(n_fc) - float(n_torch)) > tol * abs(float(n_torch)):
+            return f"norm {float(n_fc):.9g} vs torch {float(n_torch):.9g} (rtol {tol:.2e})", info
+        grad_tol = torch_grad_rtol + 2 * torch_err
+        for i, (g, e, v, p) in enumerate(zip(gs.grads, expected, gs.saved_views, gs.params)):
+            if p.grad is not g:
+                return f"grad {i}: .grad is a new tensor object (must be scaled in place)", info
+            scale = float(e.abs().max()) if e.numel() else 0.0
+            atol = 1e-6 * scale + 1e-30
+            for what, want, rtol in (("fp64 reference", v.double() * coef_ref, ref_grad_rtol),
+                                     ("torch", e, grad_tol)):
+                try:
+                    torch.testing.assert_close(g.to(want.dtype), want, rtol=rtol, atol=atol)
+                except AssertionError as exc:
+                    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                    return (f"grad {i} {tuple(g.shape)} differs from {what}: "
+                            + " | ".join(lines[:4])), info
+                finally:
+                    del want
+        # Clipping must really have happened (coefficient ~1e-3), or the timing is of a no-op.
+        ratio = (float(gs.grads[0].float().abs().max())
+                 / max(float(gs.saved_views[0].float().abs().max()), 1e-30))
+        if not (0.5e-3 < ratio < 2e-3):
+            return f"grads scaled by {ratio:.3g}, expected ~1e-3", info
+    finally:
+        del expected
+        gs.restore()
+    return None, info
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def time_interleaved(methods, warm_s, budget_s, rmin, rmax, repeats=None):
+    """methods: {name: (call, restore)}. Round-robin, rotating order; restore is not timed.
+
+    Returns ({name: [µs, ...]}, repeats, warm-up rounds)."""
+    names = list(methods)
+    clock = time.perf_counter_ns
+
+    def one_round(k, samples):
+        for j in range(len(names)):
+            name = names[(k + j) % len(names)]
+            call, restore = methods[name]
+            restore()
+            t0 = clock()
+            call()
+            t1 = clock()
+            if samples is not None:
+                samples[name].append((t1 - t0) / 1e3)
+
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        # Warm-up: at least 3 rounds and warm_s seconds; it also sizes the measured run.
+        t_start = time.perf_counter()
+        warm = 0
+        while warm < 3 or time.perf_counter() - t_start < warm_s:
+            one_round(warm, None)
+            warm += 1
+        round_s = (time.perf_counter() - t_start) / warm
+        if repeats is None:
+            repeats = int(max(rmin, min(rmax, budget_s / max(round_s, 1e-9))))
+        samples = {n: [] for n in names}
+        for k in range(repeats):
+            one_round(k, samples)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples, repeats, warm
+
+
+class OtherLoad:
+    """CPU time used by *other* processes while a block ran, in cores (Linux /proc/stat).
+
+    On a 2-core machine one busy neighbour stalls torch's OpenMP-parallel ops far more than a
+    serial kernel, so numbers taken on a busy machine are biased, not just noisy."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _system_busy_s(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy, own = _system_busy_s(), _own_cpu_s()
+        self.cores = (None if busy is None or self.busy0 is None or wall <= 0
+                      else max(0.0, (busy - self.busy0) - (own - self.own0)) / wall)
+        return False
+
+
+def _system_busy_s():
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s():
+    t = os.times()
+    return t.user + t.system
+
+
+NOISY_CORES = 0.15  # other processes' average use above which a case is flagged
+
+
+def _stats(xs):
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median_us": statistics.median(xs), "p25_us": q[0], "p75_us": q[2], "min_us": xs[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(fastclip=None):
+    info = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu": {
+            "model": cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "threads": torch.get_num_threads(),
+        "torch_parallel_info": torch.__config__.parallel_info(),
+    }
+    if fastclip is not None:
+        info["fastclip"] = {
+            "version": getattr(fastclip, "__version__", None),
+            "backend": _backend(fastclip),
+            "file": getattr(fastclip, "__file__", None),
+        }
+    return info
+
+
+def _backend(fastclip):
+    try:
+        return fastclip.backend()
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"
+
+
+def command_line(spec):
+    """The command that ran this, as `python -m pkg.mod ...` or `python path/to/script.py ...`."""
+    if spec is not None and spec.name:
+        head = ["python", "-m", spec.name]
+    else:
+        head = ["python", sys.argv[0]]
+    return shlex.join(head + sys.argv[1:])
+
+
+def import_fastclip():
+    try:
+        import fastclip
+    except Exception as exc:  # noqa: BLE001
+        sys.exit(f"cannot import fastclip ({type(exc).__name__}: {exc}); build it first: "
+                 "pip install --no-build-isolation .")
+    if not hasattr(fastclip, "clip_grad_norm_"):
+        sys.exit(f"fastclip at {getattr(fastclip, '__file__', None) or list(fastclip.__path__)} "
+                 "has no clip_grad_norm_ (a source tree without the package?)")
+    return fastclip
+
+
+def warn_backend(fastclip, want):
+    b = _backend(fastclip)
+    if b != want:
+        print(f"WARNING: fastclip.backend() is {b!r}, not {want!r} (fastclip from "
+              f"{getattr(fastclip, '__file__', '?')}): these numbers do not measure the compiled "
+              "extension.", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_us(x):
+    if x is None:
+        return "-"
+    if x >= 1e5:
+        return f"{x / 1e3:.1f}ms"
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.1f}"
+
+
+def print_table(rows, file=sys.stdout):
+    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "torch-loop us",
+           "speed-up", "target", "mul_ GB/s", "floor us", "fc %floor", "torch %floor"]
+    table = []
+    for r in rows:
+        if r.get("error"):
+            table.append([r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}",
+                          "MISMATCH", "-", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        t = r["times"]
+        tgt = r["target_speedup"]
+        table.append([
+            r["case"] + ("*" if r.get("noisy") else ""), r["dtype"], str(r["tensors"]),
+            f"{r['numel']:,}", _fmt_us(t["fastclip"]["median_us"]), _fmt_us(t["torch_foreach"]["median_us"]),
+            _fmt_us(t["torch_loop"]["median_us"]),
+            f"{r['speedup_vs_best_torch']:.2f}x",
+            "-" if tgt is None else (f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS")),
+            f"{r['mul_bandwidth_GBps']:.1f}", _fmt_us(r["floor_us"]),
+            f"{100 * r['floor_fraction']['fastclip']:.0f}%",
+            f"{100 * r['floor_fraction']['torch_best']:.0f}%",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
+              for i, h in enumerate(hdr)]
+    line = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(hdr), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in table:
+        print(line(row), file=file)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_cpu",
+        description="fastclip vs torch.nn.utils.clip_grad_norm_ on CPU (see bench/README.md).")
+    ap.add_argument("--quick", action="store_true", help="few repeats; whole run well under 60 s")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="results file (default bench/results/cpu-<date>.json, "
+                         "or cpu-<date>-quick.json with --quick)")
+    ap.add_argument("--no-json", action="store_true", help="do not write a results file")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's default, %d here)"
+                         % torch.get_num_threads())
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="comma-separated subset of: " + ",".join(CASES))
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of: fp32,bf16")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="fixed number of measured rounds per case (default: sized by time budget)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of measured rounds per case (default 0.4 quick, 6 full)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = ap.parse_args(argv)
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for c in cases:
+        if c not in CASES:
+            ap.error(f"unknown case {c!r}; choose from {','.join(CASES)}")
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d!r}; choose from {','.join(DTYPES)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    if args.quick:
+        warm_s, budget_s, rmin, rmax = 0.05, 0.4, 3, 300
+    else:
+        warm_s, budget_s, rmin, rmax = 0.3, 6.0, 9, 3000
+    if args.budget is not None:
+        budget_s = args.budget
+
+    fastclip = import_fastclip()
+    env = environment_info(fastclip)
+    warn_backend(fastclip, "cpu")
+    print(f"fastclip {env['fastclip']['version'] or ''} backend={env['fastclip']['backend']} | "
+          f"torch {env['torch']} | python {env['python']} | {env['cpu']['model']} "
+          f"({env['cpu']['torch_cpu_capability']}) | threads={env['threads']}")
+
+    jobs = [(c, d) for c in cases for d in dtypes]
+    bar = None
+    if tqdm is not None and not args.no_progress:
+        bar = tqdm(total=len(jobs), desc="bench_cpu", unit="case", leave=False, file=sys.stderr)
+    rows = []
+    failed = False
+    t_all = time.perf_counter()
+    for c, d in jobs:
+        desc, shapes_fn, target = CASES[c]
+        if bar is not None:
+            bar.set_postfix_str(f"{c} {d}")
+        shapes = shapes_fn()
+        gs = GradSet(shapes, DTYPES[d])
+        row = {"case": c, "description": desc, "dtype": d, "tensors": len(shapes),
+               "numel": gs.numel, "bytes": gs.nbytes, "max_norm": gs.max_norm,
+               "norm_fp64": gs.norm64, "target_speedup": target}
+        err, check = check_case(fastclip, gs)
+        row["check"] = check
+        if err is not None:
+            failed = True
+            row["error"] = err
+            msg = f"MISMATCH {c} {d}: {err}"
+            (bar.write if bar is not None else print)(msg)
+            rows.append(row)
+            del gs
+            if bar is not None:
+                bar.update(1)
+            continue
+
+        params, mx = gs.params, gs.max_norm
+        clip_torch = torch.nn.utils.clip_grad_norm_
+        clip_fc = fastclip.clip_grad_norm_
+        probe = gs.probe
+        methods = {
+            "fastclip": (lambda: clip_fc(params, mx), gs.restore),
+            "torch_foreach": (lambda: clip_torch(params, mx, foreach=True), gs.restore),
+            "torch_loop": (lambda: clip_torch(params, mx, foreach=False), gs.restore),
+            "mul_": (lambda: probe.mul_(0.5), gs.restore_probe),
+        }
+        with OtherLoad() as other:
+            samples, repeats, warm = time_interleaved(methods, warm_s, budget_s, rmin, rmax,
+                                                      args.repeats)
+        times = {k: _stats(v) for k, v in samples.items()}
+        med = {k: v["median_us"] for k, v in times.items()}
+        best_torch = min(med["torch_foreach"], med["torch_loop"])
+        elem = gs.saved.element_size()
+        probe_bytes_moved = 2 * gs.probe.numel() * 4            # read + write, fp32
+        bw = probe_bytes_moved / (med["mul_"] * 1e-6)            # bytes/s
+        floor_us = 3 * elem * gs.numel / bw * 1e6                # = 1.5 x t(mul_)
+        row.update({
+            "repeats": repeats,
+            "warmup_rounds": warm,
+            "other_processes_cores": other.cores,
+            "noisy": other.cores is not None and other.cores > NOISY_CORES,
+            "times": times,
+            "speedup_vs_best_torch": best_torch / med["fastclip"],
+            "speedup_vs_torch_foreach": med["torch_foreach"] / med["fastclip"],
+            "speedup_vs_torch_loop": med["torch_loop"] / med["fastclip"],
+            "mul_bandwidth_GBps": bw / 1e9,
+            "clip_bytes": 3 * elem * gs.numel,
+            "floor_us": floor_us,
+            "floor_fraction": {
+                "fastclip": floor_us / med["fastclip"],
+                "torch_foreach": floor_us / med["torch_foreach"],
+                "torch_loop": floor_us / med["torch_loop"],
+                "torch_best": floor_us / best_torch,
+            },
+        })
+        row["meets_target"] = None if target is None else row["speedup_vs_best_torch"] >= target
+        rows.append(row)
+        del methods, samples, gs, params, probe
+        gc.collect()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_all
+
+    print()
+    print_table(rows)
+    print(f"\nmedian of interleaved repeats; speed-up = best of torch foreach/loop over fastclip; "
+          f"floor = 1.5 x in-place mul_ time (12 B/elem fp32, 6 B/elem bf16); {wall:.1f} s")
+    noisy = [f"{r['case']} {r['dtype']} ({r['other_processes_cores']:.2f})" for r in rows
+             if r.get("noisy")]
+    if noisy:
+        print(f"* NOT QUIET: other processes used CPU while these cases ran (average cores): "
+              f"{', '.join(noisy)}. On a busy machine torch's multi-threaded ops stall far more "
+              f"than a serial kernel; rerun on a quiet machine before quoting these numbers.",
+              file=sys.stderr)
+    if failed:
+        print("MISMATCH: fastclip disagreed with torch on the cases marked above; "
+              "they were not timed.", file=sys.stderr)
+
+    if not args.no_json:
+        path = Path(args.json) if args.json else (
+            _REPO / "bench" / "results"
+            / f"cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {
+            "benchmark": "bench_cpu",
+            "command": command_line(__spec__),
+            "quick": args.quick,
+            **env,
+            "settings": {"warmup_s": warm_s, "budget_s": budget_s, "min_repeats": rmin,
+                         "max_repeats": rmax, "repeats": args.repeats,
+                         "max_norm": "1e-3 x fp64 norm (every call clips)",
+                         "restore": "grads restored from a saved copy before each call, untimed",
+                         "floor": "3 x bytes of the grads / bandwidth of x.mul_(0.5) on an fp32 "
+                                  "buffer of the same bytes (= 1.5 x its time)"},
+            "wall_s": wall,
+            "not_quiet_cases": noisy,
+            "cases": rows,
+        }
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

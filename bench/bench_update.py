@@ -1,0 +1,429 @@
+#!/usr/bin/env python
+"""Update-step benchmark: forward + backward + clip + optimizer step of the trainers' networks.
+
+What fastclip changes in a real RL update, not just in the clip call. For each network one
+update is timed end to end, with three clip variants in the same process, interleaved
+round-robin (the order rotates every repeat), each variant training its own identical copy of
+the network on the same pre-generated batches:
+
+  none       no clipping
+  torch      torch.nn.utils.clip_grad_norm_(params, max_norm)   (torch's default foreach=None)
+  fastclip   fastclip.clip_grad_norm_(params, max_norm)
+
+Networks (mirroring examples/dqn.py and examples/a2c.py defaults):
+
+  dqn   CartPole Q-network 4-128-128-2 (ReLU), batch 128, Huber TD loss against a target net
+        (no grad), Adam, max_grad_norm 10.
+  a2c   CartPole actor-critic, separate 4-64-64 tanh MLPs (actor -> 2 logits, critic -> 1),
+        batch 8 envs x 5 steps = 40, policy + 0.5 value - 0.01 entropy loss, RMSprop,
+        max_grad_norm 0.5.
+  cnn   Nature DQN CNN on 4x84x84 uint8 frames, 6 actions, batch 32, Huber TD loss, Adam,
+        max_grad_norm 10 (where the clip is a small part of the update).
+
+Reported per network: median update time per variant (µs), the update speed-up torch/fastclip,
+the median time of the clip call inside the update, and how often clipping actually happened.
+On CUDA the update is timed to a torch.cuda.synchronize() after the optimizer step and the clip
+call with CUDA events.
+
+    python -m bench.bench_update --quick
+    python -m bench.bench_update --nets dqn,a2c --threads 2 --json /tmp/update.json
+    python -m bench.bench_update --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if not __package__:
+    sys.path.insert(0, str(_REPO))  # `python bench/bench_update.py` behaves like `python -m ...`
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributions import Categorical  # noqa: E402
+
+from bench.bench_cpu import (  # noqa: E402
+    NOISY_CORES, OtherLoad, _backend, command_line, environment_info, import_fastclip, warn_backend)
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+VARIANTS = ("none", "torch", "fastclip")
+
+# --------------------------------------------------------------------------------------------
+# Networks and their updates
+# --------------------------------------------------------------------------------------------
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim=4, n_actions=2, hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_actions))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, obs_dim=4, n_actions=2, hidden=64):
+        super().__init__()
+        self.critic = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(),
+                                    nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.actor = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(),
+                                   nn.Linear(hidden, hidden), nn.Tanh(),
+                                   nn.Linear(hidden, n_actions))
+
+
+class NatureCNN(nn.Module):
+    def __init__(self, n_actions=6):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, n_actions))
+
+    def forward(self, x):
+        return self.net(x.float() / 255.0)
+
+
+def _dqn_batches(n, batch, obs_shape, n_actions, device, gen, uint8=False):
+    out = []
+    for _ in range(n):
+        if uint8:
+            obs = torch.randint(0, 256, (batch, *obs_shape), generator=gen, dtype=torch.uint8)
+            nxt = torch.randint(0, 256, (batch, *obs_shape), generator=gen, dtype=torch.uint8)
+        else:
+            obs = torch.randn(batch, *obs_shape, generator=gen)
+            nxt = torch.randn(batch, *obs_shape, generator=gen)
+        out.append(tuple(t.to(device) for t in (
+            obs, torch.randint(0, n_actions, (batch,), generator=gen),
+            torch.randn(batch, generator=gen).sign(),                     # rewards +-1
+            nxt, (torch.rand(batch, generator=gen) < 0.05).float())))     # terminated
+    return out
+
+
+def make_dqn(device, gen, hidden=128, batch=128, cnn=False):
+    if cnn:
+        net, obs_shape, n_actions, lr = NatureCNN(6), (4, 84, 84), 6, 1e-4
+    else:
+        net, obs_shape, n_actions, lr = QNetwork(4, 2, hidden), (4,), 2, 5e-4
+    net = net.to(device)
+    target = copy.deepcopy(net).requires_grad_(False)
+    batches = _dqn_batches(4 if cnn else 16, batch, obs_shape, n_actions, device, gen, uint8=cnn)
+    gamma = 0.99
+
+    def loss_fn(model, b):
+        obs, act, rew, nxt, term = b
+        with torch.no_grad():
+            td_target = rew + gamma * target(nxt).max(dim=1).values * (1.0 - term)
+        q = model(obs).gather(1, act.unsqueeze(1)).squeeze(1)
+        return F.smooth_l1_loss(q, td_target)
+
+    return net, (lambda p: torch.optim.Adam(p, lr=lr)), batches, loss_fn
+
+
+def make_a2c(device, gen, hidden=64, num_envs=8, num_steps=5):
+    net = ActorCritic(4, 2, hidden).to(device)
+    batch = num_envs * num_steps
+    batches = []
+    for _ in range(16):
+        batches.append(tuple(t.to(device) for t in (
+            torch.randn(batch, 4, generator=gen),
+            torch.randint(0, 2, (batch,), generator=gen),
+            torch.randn(batch, generator=gen) * 10.0)))                    # n-step returns
+    vf_coef, ent_coef = 0.5, 0.01
+
+    def loss_fn(model, b):
+        obs, act, returns = b
+        values = model.critic(obs).squeeze(-1)
+        dist = Categorical(logits=model.actor(obs))
+        logprob = dist.log_prob(act)
+        entropy = dist.entropy().mean()
+        adv = returns - values.detach()
+        pg_loss = -(adv * logprob).mean()
+        v_loss = 0.5 * (returns - values).pow(2).mean()
+        return pg_loss + vf_coef * v_loss - ent_coef * entropy
+
+    return net, (lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.99, eps=1e-5)), batches, loss_fn
+
+
+# name -> (description, batch, factory(device, gen), max_grad_norm)
+NETS = {
+    "dqn": ("DQN MLP 4-128-128-2", 128, lambda d, g: make_dqn(d, g), 10.0),
+    "a2c": ("A2C actor-critic 2x(4-64-64)", 40, lambda d, g: make_a2c(d, g), 0.5),
+    "cnn": ("Nature-CNN DQN 4x84x84", 32, lambda d, g: make_dqn(d, g, batch=32, cnn=True), 10.0),
+}
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None, seed=0,
+              max_norm=None):
+    desc, batch, factory, default_max_norm = NETS[name]
+    max_norm = default_max_norm if max_norm is None else max_norm
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    base, make_opt, batches, loss_fn = factory(device, gen)
+    cuda = device.type == "cuda"
+    clips = {"none": None, "torch": torch.nn.utils.clip_grad_norm_,
+             "fastclip": fastclip.clip_grad_norm_}
+    state = {}
+    for v in VARIANTS:
+        model = copy.deepcopy(base)
+        params = list(model.parameters())
+        state[v] = {"model": model, "params": params, "opt": make_opt(params), "clip": clips[v],
+                    "k": 0}
+    n_params = sum(p.numel() for p in base.parameters())
+    n_tensors = len(list(base.parameters()))
+
+    def update(v, record):
+        s = state[v]
+        b = batches[s["k"] % len(batches)]
+        s["k"] += 1
+        model, params, opt, clip = s["model"], s["params"], s["opt"], s["clip"]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            if cuda:
+                e0 = torch.cuda.Event(enable_timing=True)
+                e1 = torch.cuda.Event(enable_timing=True)
+                e0.record()
+                norm = clip(params, max_norm)
+                e1.record()
+            else:
+                c0 = time.perf_counter_ns()
+                norm = clip(params, max_norm)
+                c1 = time.perf_counter_ns()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter_ns()
+        if record is not None:
+            record["update"].append((t1 - t0) / 1e3)
+            if clip is not None:
+                record["clip"].append(e0.elapsed_time(e1) * 1e3 if cuda else (c1 - c0) / 1e3)
+                record["norms"].append(norm.detach())
+
+    def one_round(k, records):
+        for j in range(len(VARIANTS)):
+            v = VARIANTS[(k + j) % len(VARIANTS)]
+            update(v, None if records is None else records[v])
+
+    gc_on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        t_start = time.perf_counter()
+        warm = 0
+        while warm < 5 or time.perf_counter() - t_start < warm_s:
+            one_round(warm, None)
+            warm += 1
+        round_s = (time.perf_counter() - t_start) / warm
+        if repeats is None:
+            repeats = int(max(rmin, min(rmax, budget_s / max(round_s, 1e-9))))
+        records = {v: {"update": [], "clip": [], "norms": []} for v in VARIANTS}
+        for k in range(repeats):
+            one_round(k, records)
+    finally:
+        if gc_on:
+            gc.enable()
+
+    res = {"net": name, "description": desc, "batch": batch, "params": n_params,
+           "tensors": n_tensors, "max_grad_norm": max_norm, "repeats": repeats,
+           "warmup_rounds": warm, "variants": {}}
+    for v in VARIANTS:
+        r = records[v]
+        d = {"update_median_us": statistics.median(r["update"]),
+             "update_p25_us": statistics.quantiles(r["update"], n=4)[0],
+             "update_p75_us": statistics.quantiles(r["update"], n=4)[2]}
+        if r["clip"]:
+            norms = torch.stack(r["norms"]).float().cpu()
+            d["clip_median_us"] = statistics.median(r["clip"])
+            d["clipped_fraction"] = float((norms > max_norm).float().mean())
+            d["grad_norm_median"] = float(norms.median())
+        res["variants"][v] = d
+    # Parity of the two clipped variants is not expected (they train separate copies with
+    # different rounding); check the clip itself on the same grads instead.
+    res["parity_max_rel_err"] = _parity(state["torch"], batches[0], loss_fn, fastclip, max_norm)
+    med = {v: res["variants"][v]["update_median_us"] for v in VARIANTS}
+    res["update_speedup_torch_over_fastclip"] = med["torch"] / med["fastclip"]
+    res["clip_overhead_us"] = {"torch": med["torch"] - med["none"],
+                               "fastclip": med["fastclip"] - med["none"]}
+    res["clip_call_speedup"] = (res["variants"]["torch"]["clip_median_us"]
+                                / res["variants"]["fastclip"]["clip_median_us"])
+    return res
+
+
+def _parity(s, batch, loss_fn, fastclip, max_norm):
+    """Clip the same grads with torch and fastclip; return the max relative error (norm, grads)."""
+    model, params = s["model"], s["params"]
+    loss = loss_fn(model, batch)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    saved = [p.grad.clone() for p in params]
+    # max_norm well below the norm so both really scale
+    n0 = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in saved])))
+    mx = min(max_norm, 0.1 * n0)
+    nt = torch.nn.utils.clip_grad_norm_(params, mx)
+    gt = [p.grad.clone() for p in params]
+    for p, g in zip(params, saved):
+        p.grad.copy_(g)
+    nf = fastclip.clip_grad_norm_(params, mx)
+    err = abs(float(nf) - float(nt)) / max(abs(float(nt)), 1e-30)
+    for p, g in zip(params, gt):
+        err = max(err, float((p.grad - g).abs().max()) / max(float(g.abs().max()), 1e-30))
+    for p in params:
+        p.grad = None
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x):
+    if x is None:
+        return "-"
+    return f"{x / 1e3:.2f}ms" if x >= 1e4 else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def print_table(rows, file=sys.stdout):
+    hdr = ["net", "batch", "params", "tensors", "none us", "torch us", "fastclip us",
+           "update speed-up", "clip torch us", "clip fastclip us", "clip speed-up", "clipped %"]
+    table = []
+    for r in rows:
+        v = r["variants"]
+        table.append([
+            r["net"] + ("*" if r.get("noisy") else ""), str(r["batch"]), f"{r['params']:,}", str(r["tensors"]),
+            _fmt(v["none"]["update_median_us"]), _fmt(v["torch"]["update_median_us"]),
+            _fmt(v["fastclip"]["update_median_us"]),
+            f"{r['update_speedup_torch_over_fastclip']:.3f}x",
+            _fmt(v["torch"]["clip_median_us"]), _fmt(v["fastclip"]["clip_median_us"]),
+            f"{r['clip_call_speedup']:.2f}x",
+            f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(hdr)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i >= 1 else c.ljust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    print(fmt(hdr), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in table:
+        print(fmt(row), file=file)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_update",
+        description="Per-update time (forward+backward+clip+step) with torch vs fastclip clipping.")
+    ap.add_argument("--quick", action="store_true", help="few repeats; well under 60 s")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--nets", default=",".join(NETS),
+                    help="comma-separated subset of: " + ",".join(NETS))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1, as the trainers in examples/ use; "
+                         "0 keeps torch's default)")
+    ap.add_argument("--repeats", type=int, default=None, help="fixed rounds per network")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of measured rounds per network (default 1.5 quick, 10 full)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-grad-norm", type=float, default=None,
+                    help="override every network's max_grad_norm (e.g. 1e-3 to clip on every update)")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="results file (default bench/results/update-<device>-<date>[-quick].json)")
+    ap.add_argument("--no-json", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    for n in nets:
+        if n not in NETS:
+            ap.error(f"unknown net {n!r}; choose from {','.join(NETS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        warm_s, budget_s, rmin, rmax = 0.2, 1.5, 5, 400
+    else:
+        warm_s, budget_s, rmin, rmax = 1.0, 10.0, 20, 5000
+    if args.budget is not None:
+        budget_s = args.budget
+
+    fastclip = import_fastclip()
+    warn_backend(fastclip, "cuda" if device.type == "cuda" else "cpu")
+    env = environment_info(fastclip)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    print(f"fastclip {env['fastclip']['version'] or ''} backend={_backend(fastclip)} | "
+          f"torch {env['torch']} | device={device}"
+          f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''} | {env['cpu']['model']} | "
+          f"threads={torch.get_num_threads()}")
+
+    rows = []
+    it = nets
+    bar = None
+    if tqdm is not None and not args.no_progress:
+        bar = tqdm(nets, desc="bench_update", unit="net", leave=False, file=sys.stderr)
+        it = bar
+    t_all = time.perf_counter()
+    for n in it:
+        if bar is not None:
+            bar.set_postfix_str(n)
+        with OtherLoad() as other:
+            row = bench_net(n, fastclip, device, warm_s, budget_s, rmin, rmax, args.repeats,
+                            args.seed, args.max_grad_norm)
+        row["other_processes_cores"] = other.cores
+        row["noisy"] = other.cores is not None and other.cores > NOISY_CORES
+        rows.append(row)
+    wall = time.perf_counter() - t_all
+    print()
+    print_table(rows)
+    print(f"\nmedian per update (forward + backward + clip + optimizer step), variants interleaved; "
+          f"update speed-up = torch / fastclip; {wall:.1f} s")
+    noisy = [f"{r['net']} ({r['other_processes_cores']:.2f})" for r in rows if r.get("noisy")]
+    if noisy:
+        print(f"* NOT QUIET: other processes used CPU while these ran (average cores): "
+              f"{', '.join(noisy)}; rerun on a quiet machine before quoting these numbers.",
+              file=sys.stderr)
+    bad = [r["net"] for r in rows if not r["parity_max_rel_err"] < 1e-3]
+    if bad:
+        print(f"MISMATCH: fastclip and torch clip differ on {bad} "
+              f"({[r['parity_max_rel_err'] for r in rows if r['net'] in bad]})", file=sys.stderr)
+
+    if not args.no_json:
+        path = Path(args.json) if args.json else (
+            _REPO / "bench" / "results" / (f"update-{device.type}-{_dt.date.today().isoformat()}"
+                                           f"{'-quick' if args.quick else ''}.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {"benchmark": "bench_update", "command": command_line(__spec__),
+               "quick": args.quick, "device": str(device), **env,
+               "threads": torch.get_num_threads(), "wall_s": wall, "nets": rows}
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Shared plumbing for the fastclip RL examples (dqn.py, a2c.py, reinforce.py).
+
+Only what the three trainers would otherwise copy verbatim lives here:
+
+* ``parse_args``   - dataclass -> argparse, help text taken from the docstring under each field
+* ``seed_everything``
+* ``Clipper``      - the one place that calls ``fastclip.clip_grad_norm_`` / torch's clip, counts
+                     the calls and times them
+* ``UpdateLogger`` - per-update metrics kept on the device, read back to the host only every
+                     ``log_every`` updates, written to CSV (always) and TensorBoard (when installed)
+* ``evaluate``     - greedy evaluation episodes
+* ``write_summary``- the end-of-run summary JSON (with small down-sampled curves for plot.py)
+
+The training loops themselves stay inline in each trainer, CleanRL style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import inspect
+import json
+import os
+import random
+import textwrap
+import time
+import typing
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+CLIP_CHOICES = ("none", "torch", "fastclip")
+
+
+# --------------------------------------------------------------------------------------------
+# argparse from a dataclass
+# --------------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict[str, str]:
+    """Map field name -> the string literal written right under it (CleanRL/tyro convention)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """Build an argparse parser from dataclass ``cls`` (``--snake-case`` flags) and parse ``argv``."""
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"default": f.default, "help": docs.get(f.name, " ")}
+        origin = typing.get_origin(tp)
+        if origin is typing.Literal:
+            kw.update(choices=typing.get_args(tp), type=type(typing.get_args(tp)[0]))
+        elif tp is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif origin is typing.Union:  # Optional[X]
+            kw.update(type=[a for a in typing.get_args(tp) if a is not type(None)][0])
+        else:
+            kw.update(type=tp)
+        parser.add_argument(flag, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def setup_torch(num_threads: int) -> None:
+    """Small MLPs: one intra-op thread is fastest and keeps runs reproducible on a shared CPU."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+# --------------------------------------------------------------------------------------------
+# gradient clipping
+# --------------------------------------------------------------------------------------------
+class Clipper:
+    """Clip the global gradient norm and return the *pre-clip* norm as a 0-dim device tensor.
+
+    ``kind``:
+      * ``"fastclip"`` - ``fastclip.clip_grad_norm_`` (drop-in for torch's, no host sync)
+      * ``"torch"``    - ``torch.nn.utils.clip_grad_norm_``
+      * ``"none"``     - no clipping; the norm is still measured (``get_total_norm``) so the
+                         logs show what the gradients did, but that is not a clip call.
+
+    ``calls`` counts calls to the clip function and ``time_s`` is the host wall time spent inside
+    them. On CUDA both clip functions only enqueue kernels, so ``time_s`` there is launch
+    overhead, not kernel time (no synchronisation is added here on purpose).
+    """
+
+    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0):
+        if kind not in CLIP_CHOICES:
+            raise ValueError(f"clip must be one of {CLIP_CHOICES}, got {kind!r}")
+        self.kind, self.max_norm, self.norm_type = kind, float(max_norm), float(norm_type)
+        self.calls, self.time_s = 0, 0.0
+        if kind == "fastclip":
+            import fastclip  # imported lazily so --clip torch/none work without the extension
+
+            self._fn = fastclip.clip_grad_norm_
+        elif kind == "torch":
+            self._fn = torch.nn.utils.clip_grad_norm_
+        else:
+            self._fn = None
+
+    def __call__(self, parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+        params = [p for p in parameters if p.grad is not None]
+        if self._fn is None:
+            return torch.nn.utils.get_total_norm([p.grad for p in params], self.norm_type)
+        t0 = time.perf_counter()
+        norm = self._fn(params, self.max_norm, norm_type=self.norm_type)
+        self.time_s += time.perf_counter() - t0
+        self.calls += 1
+        return norm
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+# --------------------------------------------------------------------------------------------
+def _make_tb_writer(run_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+    except Exception:  # noqa: BLE001 - ImportError, or tensorboard missing underneath
+        return None
+    return SummaryWriter(run_dir)
+
+
+class UpdateLogger:
+    """Per-update metrics without per-update host syncs.
+
+    ``log_update(step, grad_norm=..., loss=..., ...)`` stores 0-dim device tensors; every
+    ``log_every`` updates they are stacked and copied to the host in one transfer, then written
+    one CSV row per update to ``<run_dir>/metrics.csv`` (and TensorBoard if importable).
+    ``clipped`` is derived from the pre-clip norm: 1 when the clip call scaled the gradients
+    (``norm > max_norm``; always 0 for ``--clip none``).
+
+    Episode returns are host values already (they come from the env), so ``log_episode`` writes
+    them straight to ``<run_dir>/episodes.csv``.
+    """
+
+    def __init__(self, run_dir: str, clipper: Clipper, log_every: int = 100, config: dict | None = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.run_dir, self.clipper, self.log_every = run_dir, clipper, log_every
+        self.tb = _make_tb_writer(run_dir)
+        if self.tb is not None and config:
+            self.tb.add_text("config", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        self._pending: list[tuple[int, dict]] = []
+        self._metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self._metrics_csv = None
+        self._episodes_file = open(os.path.join(run_dir, "episodes.csv"), "w", newline="")
+        self._episodes_csv = csv.writer(self._episodes_file)
+        self._episodes_csv.writerow(["global_step", "episodic_return", "episodic_length"])
+        self.updates = 0
+        self.grad_norms: list[float] = []  # every pre-clip norm, on the host (after flushes)
+        self.norm_steps: list[int] = []
+        self.entropy: list[float] = []  # policy entropy per update (A2C/REINFORCE), for the summary curve
+        self.ep_steps: list[int] = []
+        self.ep_returns: list[float] = []
+        self.last: dict[str, float] = {}  # latest flushed values (for the progress bar)
+        self.nonfinite = False  # became True if a flushed grad norm or loss was inf/nan
+
+    def log_update(self, global_step: int, **metrics) -> None:
+        """``metrics`` must include ``grad_norm``; values: 0-dim tensors (kept on device) or floats."""
+        self._pending.append((global_step, metrics))
+        self.updates += 1
+        if len(self._pending) >= self.log_every:
+            self.flush()
+
+    def log_episode(self, global_step: int, ep_return: float, ep_length: int) -> None:
+        self.ep_steps.append(global_step)
+        self.ep_returns.append(float(ep_return))
+        self._episodes_csv.writerow([global_step, ep_return, ep_length])
+        if self.tb is not None:
+            self.tb.add_scalar("charts/episodic_return", ep_return, global_step)
+            self.tb.add_scalar("charts/episodic_length", ep_length, global_step)
+
+    def recent_return(self, n: int = 20) -> float:
+        return float(np.mean(self.ep_returns[-n:])) if self.ep_returns else float("nan")
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        keys = list(self._pending[0][1].keys())
+        dev_keys = [k for k in keys if torch.is_tensor(self._pending[0][1][k])]
+        host_keys = [k for k in keys if k not in dev_keys]
+        # one device->host copy for the whole interval
+        if dev_keys:
+            table = torch.stack([torch.stack([m[k].detach().float().reshape(()) for k in dev_keys])
+                                 for _, m in self._pending]).cpu().numpy()
+        else:
+            table = np.zeros((len(self._pending), 0))
+        if self._metrics_csv is None:
+            self._metrics_csv = csv.writer(self._metrics_file)
+            self._metrics_csv.writerow(["global_step", "update", *dev_keys, "clipped", *host_keys])
+        first_update = self.updates - len(self._pending)
+        gi = dev_keys.index("grad_norm")
+        for i, (step, m) in enumerate(self._pending):
+            norm = float(table[i, gi])
+            clipped = int(self.clipper.kind != "none" and norm > self.clipper.max_norm)
+            host_vals = [float(m[k]) for k in host_keys]
+            self._metrics_csv.writerow([step, first_update + i + 1, *table[i].tolist(), clipped, *host_vals])
+            self.grad_norms.append(norm)
+            if "entropy" in dev_keys:
+                self.entropy.append(float(table[i, dev_keys.index("entropy")]))
+            self.norm_steps.append(step)
+            if self.tb is not None:
+                for k, v in zip(dev_keys, table[i].tolist()):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar("train/clipped", clipped, step)
+                for k, v in zip(host_keys, host_vals):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if not np.isfinite(table).all():
+            self.nonfinite = True
+        self.last = {k: float(table[-1, j]) for j, k in enumerate(dev_keys)}
+        self._pending.clear()
+        self._metrics_file.flush()
+        self._episodes_file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._metrics_file.close()
+        self._episodes_file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation + summary
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(make_env: Callable, act: Callable[[torch.Tensor], int], episodes: int, seed: int,
+             device: torch.device) -> list[float]:
+    """Run ``episodes`` greedy episodes; ``act`` maps a (1, obs_dim) tensor to an int action."""
+    env = make_env()
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, total = False, 0.0
+        while not done:
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def _binned(steps: list[int], values: list[float], bins: int = 100) -> dict:
+    """Down-sample a curve to at most ``bins`` points (per-bin mean/median/max)."""
+    if not steps:
+        return {"step": [], "mean": [], "median": [], "max": []}
+    s, v = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    edges = np.linspace(s.min(), s.max() + 1, bins + 1)
+    idx = np.clip(np.digitize(s, edges) - 1, 0, bins - 1)
+    out = {"step": [], "mean": [], "median": [], "max": []}
+    for b in range(bins):
+        sel = v[idx == b]
+        if sel.size == 0:
+            continue
+        fin = sel[np.isfinite(sel)]
+        out["step"].append(int(s[idx == b].max()))
+        out["mean"].append(float(fin.mean()) if fin.size else None)
+        out["median"].append(float(np.median(fin)) if fin.size else None)
+        out["max"].append(float(fin.max()) if fin.size else None)
+    return out
+
+
+def _pct(x: np.ndarray, q: float):
+    x = x[np.isfinite(x)]
+    return float(np.percentile(x, q)) if x.size else None
+
+
+def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_returns: list[float],
+                  wall_s: float, global_step: int, extra: dict | None = None) -> dict:
+    """Write ``<run_dir>/summary.json`` and, if ``args.summary_json`` is set, that path too."""
+    norms = np.asarray(logger.grad_norms, dtype=np.float64)
+    summary = {
+        "algo": algo,
+        "env_id": args.env_id,
+        "seed": args.seed,
+        "clip": args.clip,
+        "max_grad_norm": args.max_grad_norm,
+        "eval_episodes": len(eval_returns),
+        "eval_return_mean": float(np.mean(eval_returns)),
+        "eval_return_std": float(np.std(eval_returns)),
+        "total_timesteps": int(global_step),
+        "wall_s": round(wall_s, 3),  # training loop only (excludes the final evaluation)
+        "updates": logger.updates,
+        "clip_calls": clipper.calls,
+        "clip_time_s": round(clipper.time_s, 6),
+        "clip_fraction": (float(np.mean(norms > args.max_grad_norm)) if args.clip != "none" and norms.size else 0.0),
+        "grad_norm_p50": _pct(norms, 50),
+        "grad_norm_p99": _pct(norms, 99),
+        "grad_norm_max": _pct(norms, 100),
+        "grad_norm_nonfinite": int((~np.isfinite(norms)).sum()),
+        "train_return_last20": logger.recent_return(20) if logger.ep_returns else None,
+        "episodes": len(logger.ep_returns),
+        "device": str(args.device),
+        "torch": torch.__version__,
+        "run_dir": logger.run_dir,
+        "args": dataclasses.asdict(args),
+        "curves": {
+            "return": _binned(logger.ep_steps, logger.ep_returns),
+            "grad_norm": _binned(logger.norm_steps, logger.grad_norms),
+        },
+    }
+    if logger.entropy:
+        summary["curves"]["entropy"] = _binned(logger.norm_steps, logger.entropy)
+    if extra:
+        summary.update(extra)
+    if args.clip == "fastclip":
+        try:
+            import fastclip
+            summary["fastclip_backend"] = str(fastclip.backend()) if hasattr(fastclip, "backend") else None
+        except Exception:  # noqa: BLE001
+            summary["fastclip_backend"] = None
+    text = json.dumps(summary, indent=1, allow_nan=False, default=lambda o: None)
+    for path in {os.path.join(logger.run_dir, "summary.json"), args.summary_json} - {None, ""}:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return summary
+
+
+def run_name(args, algo: str) -> str:
+    return args.run_name or f"{args.env_id}__{algo}__{args.clip}__s{args.seed}__{int(time.time())}"
+
