@@ -186,9 +186,22 @@ def test_property_matches_torch(shapes, dtype, norm_type, max_norm, scale, none_
     assume(norm_type != math.inf or all(0 not in s for s in shapes))  # torch raises there
     params = make_params(shapes, dtype, scale=scale, none_every=none_every, seed=seed)
     assume(grads(params))
-    n_ours, n_torch, ours, theirs, exact = run_both(params, max_norm, norm_type)
+    exact = fp64_norm(params, norm_type)
+    oracle = [g.double() * min(max_norm / (exact + 1e-6), 1.0) for g in grads(params)]
+    n_ours, n_torch, ours, theirs, _ = run_both(params, max_norm, norm_type)
     assert_norm_as_good_as_torch(n_ours, n_torch, exact, dtype, _numel(ours))
-    assert_grads_close(ours, theirs)
+    # Grads: no further from the fp64 result than 2x torch's error, plus one
+    # rounding to the dtype and the norm's accumulation slack (as in
+    # assert_norm_as_good_as_torch). torch's fp16 coefficient can under- or
+    # overflow where ours does not, so "close to torch" alone is the wrong oracle.
+    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    slack = torch.finfo(dtype).eps + acc_eps * math.sqrt(_numel(ours))
+    for g_ours, g_torch, o in zip(grads(ours), grads(theirs), oracle):
+        if not o.numel():
+            continue
+        err_ours, err_torch = (g_ours.double() - o).abs().max(), (g_torch.double() - o).abs().max()
+        allowed = 2 * err_torch + float(o.abs().max()) * slack + torch.finfo(dtype).tiny
+        assert err_ours <= allowed, (float(err_ours), float(err_torch))
 
 
 def test_negative_control_the_comparison_can_fail():

@@ -74,18 +74,25 @@ GradSet make_grad_set(const at::TensorList grads, const char* op) {
   return set;
 }
 
-// Calls fn(span, offset, length, chunk_index) for chunks [begin, end), in order.
+enum class Order { Forward, Backward };
+
+// Calls fn(span, offset, length, chunk_index) for chunks [begin, end), in the
+// given order. Phase 2 walks backward: the chunks its thread read last in
+// phase 1 come first, while they are still in cache.
 template <typename Fn>
-void for_each_chunk(const GradSet& set, int64_t begin, int64_t end, const Fn& fn) {
-  auto it = std::upper_bound(set.spans.begin(), set.spans.end(), begin,
+void for_each_chunk(const GradSet& set, int64_t begin, int64_t end, Order order, const Fn& fn) {
+  if (begin >= end) return;
+  const bool forward = order == Order::Forward;
+  const int64_t first = forward ? begin : end - 1;
+  auto it = std::upper_bound(set.spans.begin(), set.spans.end(), first,
                              [](int64_t c, const Span& s) { return c < s.first_chunk; });
-  for (size_t i = static_cast<size_t>(it - set.spans.begin()) - 1; begin < end; ++i) {
+  size_t i = static_cast<size_t>(it - set.spans.begin()) - 1;  // the span holding chunk `first`
+  for (int64_t c = first; forward ? c < end : c >= begin; c += forward ? 1 : -1) {
+    while (c < set.spans[i].first_chunk) --i;
+    while (c >= set.spans[i].first_chunk + (set.spans[i].numel + kChunkElems - 1) / kChunkElems) ++i;
     const Span& s = set.spans[i];
-    const int64_t span_end = s.first_chunk + (s.numel + kChunkElems - 1) / kChunkElems;
-    for (; begin < end && begin < span_end; ++begin) {
-      const int64_t offset = (begin - s.first_chunk) * kChunkElems;
-      fn(s, offset, std::min(kChunkElems, s.numel - offset), begin);
-    }
+    const int64_t offset = (c - s.first_chunk) * kChunkElems;
+    fn(s, offset, std::min(kChunkElems, s.numel - offset), c);
   }
 }
 
@@ -181,14 +188,14 @@ double reduce_norm(const GradSet& set, double p) {
   double acc = 0.0;  // 0 is neutral for the sums and for max |x|
   if (set.numel <= kSerialMaxElems) {
     // Small sets: no pool, no buffer; combine as we go, in chunk order as below.
-    for_each_chunk(set, 0, set.num_chunks, [&](const Span& s, int64_t off, int64_t n, int64_t) {
+    for_each_chunk(set, 0, set.num_chunks, Order::Forward, [&](const Span& s, int64_t off, int64_t n, int64_t) {
       acc = combine(acc, span_partial<kind>(s, off, n, p), kind);
     });
     return finish_norm(acc, kind, p);
   }
   std::vector<double> partials(set.num_chunks);
   over_chunks(set, [&](int64_t begin, int64_t end) {
-    for_each_chunk(set, begin, end, [&](const Span& s, int64_t off, int64_t n, int64_t c) {
+    for_each_chunk(set, begin, end, Order::Forward, [&](const Span& s, int64_t off, int64_t n, int64_t c) {
       partials[c] = span_partial<kind>(s, off, n, p);
     });
   });
@@ -219,7 +226,7 @@ void scale_grads(const GradSet& set, double coef) {
   if (coef == 1.0) return;  // leave the grads bitwise untouched, as torch's *1 would
   const float coef_f = static_cast<float>(coef);
   over_chunks(set, [&](int64_t begin, int64_t end) {
-    for_each_chunk(set, begin, end, [&](const Span& s, int64_t off, int64_t n, int64_t) {
+    for_each_chunk(set, begin, end, Order::Backward, [&](const Span& s, int64_t off, int64_t n, int64_t) {
       if (!s.scale_in_place) return;
       switch (s.dtype) {
         case at::kFloat: scale_run<float>(static_cast<float*>(s.data) + off, n, coef_f); break;
