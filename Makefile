@@ -15,7 +15,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.bench_cpu --quick
 	$(PY) -m bench.bench_update --quick
-	$(PY) examples/dqn.py --total-timesteps 20000 --summary-json runs/dqn-short.json
+	$(PY) examples/dqn.py --summary-json runs/dqn-cartpole.json
 
 clean:
 	rm -rf build *.egg-info fastclip/*.so .pytest_cache
