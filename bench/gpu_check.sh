@@ -6,8 +6,9 @@
 # 3. runs compute-sanitizer memcheck, racecheck and synccheck on a small driver
 #    that exercises every kernel path (fused cooperative, the fallback, the
 #    descriptor table, misaligned views, every dtype and norm type),
-# 4. runs bench/bench_gpu.py,
-# 5. runs the rest of the test suite,
+# 4. runs bench/bench_gpu.py and the update-step benchmark on cuda,
+# 5. runs each trainer briefly with --device cuda (needs gymnasium: carry its wheels),
+# 6. runs the rest of the test suite,
 # and writes each step's log, env.txt and summary.{txt,json} (command, exit
 # status, seconds of every step) to OUTDIR. Each step's time limit shrinks to
 # what is left of GPU_CHECK_BUDGET_S (default 530 s), so the whole run fits in
@@ -106,6 +107,16 @@ fi
 
 step bench_gpu 240 "$PYTHON" bench/bench_gpu.py --json "$OUT/bench_gpu.json"
 cp "$OUT/bench_gpu.log" "$OUT/bench_gpu.txt" 2>/dev/null
+step bench_update_cuda 90 "$PYTHON" -m bench.bench_update --device cuda --quick --json "$OUT/bench_update_cuda.json"
+# The trainers need gymnasium, which the GPU image lacks: carry its wheels (and
+# farama-notifications, cloudpickle) as the device README describes.
+if "$PYTHON" -c "import gymnasium" 2>/dev/null; then
+  step trainers_cuda 90 bash -c "for a in dqn a2c reinforce; do \"$PYTHON\" examples/\$a.py --device cuda \
+    --total-timesteps 3000 --no-progress --summary-json \"$OUT/\$a-cuda.json\" || exit 1; done"
+else
+  echo "gymnasium not installed: trainers on --device cuda not run" | tee "$OUT/trainers_cuda.log"
+  printf '%s\t%s\t%s\t%s\n' trainers_cuda no-gymnasium 0 "examples/*.py --device cuda" >>"$OUT/steps.tsv"
+fi
 step test_rest 240 "$PYTHON" -m pytest -q -rs tests --ignore=tests/test_cuda.py
 
 "$PYTHON" - "$OUT" <<'EOF'

@@ -328,11 +328,9 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
     if extra:
         summary.update(extra)
     if args.clip == "fastclip":
-        try:
-            import fastclip
-            summary["fastclip_backend"] = str(fastclip.backend()) if hasattr(fastclip, "backend") else None
-        except Exception:  # noqa: BLE001
-            summary["fastclip_backend"] = None
+        import fastclip  # already imported by the Clipper
+
+        summary["fastclip_backend"] = fastclip.backend()
     text = json.dumps(summary, indent=1, allow_nan=False, default=lambda o: None)
     for path in {os.path.join(logger.run_dir, "summary.json"), args.summary_json} - {None, ""}:
         if os.path.dirname(path):

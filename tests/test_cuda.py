@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 import fastclip  # noqa: E402
 from fastclip import _ops  # noqa: E402
+from helpers import clone_params  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 NORM_TYPES = [1.0, 2.0, math.inf, 3.0, 0.5]
@@ -44,15 +45,6 @@ def make_params(shapes, dtypes, device="cuda", seed=0, scale=1.0):
         p.grad = g.to(device=device, dtype=dtype)
         params.append(p)
     return params
-
-
-def clone_params(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = p.grad.clone()
-        out.append(q)
-    return out
 
 
 def ref_norm64(grads, norm_type):
