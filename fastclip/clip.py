@@ -1,10 +1,14 @@
 """fastclip's public functions: torch.nn.utils' clipping API, fused.
 
-Data path: gather and validate the grads here, group them by device, then one
-op per device: torch.ops.fastclip.clip_grad_norm_ (csrc/ops.cpp ->
-csrc/cpu/clip_cpu.cpp or csrc/cuda/clip_cuda.cpp). Inputs the fused ops do not
-take (p <= 0, complex grads, devices without kernels) go through
-fastclip/_reference.py, as does everything when the extension did not load.
+Data path: clip_grad_norm_ checks its scalar arguments and, in eager mode,
+hands the parameter list to fastclip._C.clip_params (csrc/py_module.cpp), which
+reads and checks every .grad in C++ and calls torch.ops.fastclip.clip_grad_norm_
+(schema: csrc/ops.cpp; kernels: csrc/cpu/clip_cpu.cpp, csrc/cuda/clip_cuda.cpp).
+Everything else (bad input and its errors, several devices,
+error_if_nonfinite, tracing under torch.compile) takes the Python path below:
+group by device, one op per device. Inputs the fused ops do not take (p <= 0,
+complex grads, devices without kernels) go through fastclip/_reference.py, as
+does everything when the extension did not load.
 """
 import types
 import warnings
@@ -102,12 +106,12 @@ def _group_by_device(grads):
     return groups
 
 
+def _kernels_take(grads, device):
+    return _ops.has_kernels(device.type) and all(g.dtype in _FUSED_DTYPES for g in grads)
+
+
 def _fused_ok(grads, device, norm_type):
-    return (
-        norm_type > 0
-        and _ops.has_kernels(device.type)
-        and all(g.dtype in _FUSED_DTYPES for g in grads)
-    )
+    return norm_type > 0 and _kernels_take(grads, device)
 
 
 # ---- the two halves, per device group ----------------------------------------
@@ -132,7 +136,7 @@ def _combine_norms(norms, norm_type, device):
 def _scale_groups(groups, coef):
     for device, gs in groups.items():
         c = coef.to(device, non_blocking=True)
-        if _ops.has_kernels(device.type) and all(g.dtype in _FUSED_DTYPES for g in gs):
+        if _kernels_take(gs, device):
             _ops.scale_(gs, c)
         else:
             _reference.scale_(gs, c)
