@@ -52,6 +52,8 @@ if not __package__:
 
 import torch  # noqa: E402
 
+from bench.timing import run_rounds  # noqa: E402
+
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is optional
@@ -252,25 +254,9 @@ def time_interleaved(methods, warm_s, budget_s, rmin, rmax, repeats=None):
             if samples is not None:
                 samples[name].append((t1 - t0) / 1e3)
 
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        # Warm-up: at least 3 rounds and warm_s seconds; it also sizes the measured run.
-        t_start = time.perf_counter()
-        warm = 0
-        while warm < 3 or time.perf_counter() - t_start < warm_s:
-            one_round(warm, None)
-            warm += 1
-        round_s = (time.perf_counter() - t_start) / warm
-        if repeats is None:
-            repeats = int(max(rmin, min(rmax, budget_s / max(round_s, 1e-9))))
-        samples = {n: [] for n in names}
-        for k in range(repeats):
-            one_round(k, samples)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    samples = {n: [] for n in names}
+    repeats, warm = run_rounds(one_round, samples, min_warm=3, warm_s=warm_s, budget_s=budget_s,
+                               rmin=rmin, rmax=rmax, repeats=repeats)
     return samples, repeats, warm
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import gc
 import json
 import statistics
 import sys
@@ -52,6 +51,7 @@ from torch.distributions import Categorical  # noqa: E402
 
 from bench.bench_cpu import (  # noqa: E402
     NOISY_CORES, OtherLoad, _backend, command_line, environment_info, import_fastclip, warn_backend)
+from bench.timing import run_rounds  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -228,24 +228,9 @@ def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None
             v = VARIANTS[(k + j) % len(VARIANTS)]
             update(v, None if records is None else records[v])
 
-    gc_on = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        t_start = time.perf_counter()
-        warm = 0
-        while warm < 5 or time.perf_counter() - t_start < warm_s:
-            one_round(warm, None)
-            warm += 1
-        round_s = (time.perf_counter() - t_start) / warm
-        if repeats is None:
-            repeats = int(max(rmin, min(rmax, budget_s / max(round_s, 1e-9))))
-        records = {v: {"update": [], "clip": [], "norms": []} for v in VARIANTS}
-        for k in range(repeats):
-            one_round(k, records)
-    finally:
-        if gc_on:
-            gc.enable()
+    records = {v: {"update": [], "clip": [], "norms": []} for v in VARIANTS}
+    repeats, warm = run_rounds(one_round, records, min_warm=5, warm_s=warm_s, budget_s=budget_s,
+                               rmin=rmin, rmax=rmax, repeats=repeats)
 
     res = {"net": name, "description": desc, "batch": batch, "params": n_params,
            "tensors": n_tensors, "max_grad_norm": max_norm, "repeats": repeats,

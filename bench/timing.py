@@ -1,0 +1,29 @@
+"""The measuring loop both CPU benchmarks share: warm up, size the run to a time
+budget, then call one_round(k, samples) `repeats` times with the GC off."""
+import gc
+import time
+
+
+def run_rounds(one_round, samples, *, min_warm, warm_s, budget_s, rmin, rmax, repeats=None):
+    """one_round(k, None) warms up (at least min_warm rounds and warm_s seconds,
+    which also sizes the run); one_round(k, samples) records. `repeats` defaults
+    to budget_s / (time of one round), clamped to [rmin, rmax].
+    Returns (repeats, warm-up rounds)."""
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        t_start = time.perf_counter()
+        warm = 0
+        while warm < min_warm or time.perf_counter() - t_start < warm_s:
+            one_round(warm, None)
+            warm += 1
+        round_s = (time.perf_counter() - t_start) / warm
+        if repeats is None:
+            repeats = int(max(rmin, min(rmax, budget_s / max(round_s, 1e-9))))
+        for k in range(repeats):
+            one_round(k, samples)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return repeats, warm
