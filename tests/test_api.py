@@ -149,7 +149,7 @@ def test_traces_under_torch_compile():
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic_across_thread_counts(dtype):
-    # several chunks per tensor and > 2^17 elements: the parallel path
+    # several chunks per tensor and > 2^18 elements: the parallel path
     base = make_params([(700, 1000), (333,), (1000, 90)], dtype, seed=11)
     results = []
     old = torch.get_num_threads()

@@ -71,7 +71,7 @@ def test_matches_torch_over_dtypes_and_norm_types(dtype, norm_type):
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 def test_large_set_takes_the_parallel_path(dtype):
-    # > 2^17 elements and several chunks per tensor: the multi-threaded path
+    # > 2^18 elements and several chunks per tensor: the multi-threaded path
     params = make_params([(300, 1000), (513,), (1000, 70)], dtype, seed=2)
     n_ours, n_torch, ours, theirs, exact = run_both(params, max_norm=1.0)
     assert_norm_as_good_as_torch(n_ours, n_torch, exact, dtype, _numel(ours))
