@@ -52,7 +52,7 @@ if not __package__:
 
 import torch  # noqa: E402
 
-from bench.timing import run_rounds  # noqa: E402
+from bench.common import print_aligned, run_rounds  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -415,14 +415,7 @@ def print_table(rows, file=sys.stdout):
             f"{100 * r['floor_fraction']['fastclip']:.0f}%",
             f"{100 * r['floor_fraction']['torch_best']:.0f}%",
         ])
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
-              for i, h in enumerate(hdr)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    print(line(hdr), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in table:
-        print(line(row), file=file)
+    print_aligned(hdr, table, left_cols=2, file=file)
 
 
 def main(argv=None):

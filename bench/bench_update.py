@@ -51,7 +51,7 @@ from torch.distributions import Categorical  # noqa: E402
 
 from bench.bench_cpu import (  # noqa: E402
     NOISY_CORES, OtherLoad, _backend, command_line, environment_info, import_fastclip, warn_backend)
-from bench.timing import run_rounds  # noqa: E402
+from bench.common import print_aligned, run_rounds  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -308,13 +308,7 @@ def print_table(rows, file=sys.stdout):
             f"{r['clip_call_speedup']:.2f}x",
             f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
         ])
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(hdr)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i >= 1 else c.ljust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    print(fmt(hdr), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in table:
-        print(fmt(row), file=file)
+    print_aligned(hdr, table, left_cols=1, file=file)
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
-"""The measuring loop both CPU benchmarks share: warm up, size the run to a time
-budget, then call one_round(k, samples) `repeats` times with the GC off."""
+"""What both CPU benchmarks share: the measuring loop (warm up, size the run to
+a time budget, then call one_round(k, samples) `repeats` times with the GC off)
+and the plain-text table."""
 import gc
 import time
 
@@ -27,3 +28,18 @@ def run_rounds(one_round, samples, *, min_warm, warm_s, budget_s, rmin, rmax, re
         if gc_was_enabled:
             gc.enable()
     return repeats, warm
+
+
+def print_aligned(hdr, table, left_cols, file):
+    """A plain-text table: the first `left_cols` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
+              for i, h in enumerate(hdr)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left_cols else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(hdr), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in table:
+        print(line(row), file=file)
