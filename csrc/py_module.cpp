@@ -5,11 +5,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
-namespace {
+#include "fused_dtypes.h"
 
-bool fusable_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
+namespace {
 
 bool has_kernels(const at::Device& d) {
 #ifdef FASTCLIP_WITH_CUDA
@@ -30,7 +28,7 @@ bool gather_grads(const py::sequence& params, std::vector<at::Tensor>& grads, at
     if (!THPVariable_Check(item.ptr())) return false;
     const at::Tensor& grad = THPVariable_Unpack(item.ptr()).grad();
     if (!grad.defined()) continue;
-    if (grad.layout() != at::kStrided || !fusable_dtype(grad.scalar_type()) ||
+    if (grad.layout() != at::kStrided || !fastclip::is_fused_dtype(grad.scalar_type()) ||
         grad.key_set().has(c10::DispatchKey::Python)) {
       return false;
     }

@@ -28,12 +28,6 @@ def scale_(grads, coef):
     torch._foreach_mul_(grads, coef)
 
 
-def clip_grad_norm_(grads, max_norm, norm_type):
-    norm = total_norm(grads, norm_type)
-    scale_(grads, clip_coef(max_norm, norm))
-    return norm
-
-
 def clip_coef(max_norm, norm):
     """torch's coefficient, min(max_norm / (norm + 1e-6), 1), in the norm's dtype."""
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)

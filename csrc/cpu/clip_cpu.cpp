@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "clip_math.h"
+#include "fused_dtypes.h"
 
 namespace fastclip {
 namespace {
@@ -50,16 +51,12 @@ struct GradSet {
   bool any_double = false;
 };
 
-bool is_supported(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 GradSet make_grad_set(const at::TensorList grads, const char* op) {
   GradSet set;
   set.spans.reserve(grads.size());
   for (const at::Tensor& g : grads) {
     TORCH_CHECK(g.device().is_cpu(), "fastclip::", op, ": expected CPU grads, got one on ", g.device());
-    TORCH_CHECK(is_supported(g.scalar_type()), "fastclip::", op,
+    TORCH_CHECK(is_fused_dtype(g.scalar_type()), "fastclip::", op,
                 ": grads must be float32, float64, float16 or bfloat16, got ", g.scalar_type());
     TORCH_CHECK(g.layout() == at::kStrided, "fastclip::", op, ": sparse grads are not supported");
     set.any_double |= g.scalar_type() == at::kDouble;
@@ -244,7 +241,7 @@ void scale_grads(const GradSet& set, double coef) {
 // is fp64, else float32.
 at::ScalarType norm_dtype_for(const GradSet& set, std::optional<at::ScalarType> requested) {
   const at::ScalarType t = requested.value_or(set.any_double ? at::kDouble : at::kFloat);
-  TORCH_CHECK(is_supported(t), "fastclip: norm_dtype must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(is_fused_dtype(t), "fastclip: norm_dtype must be float32, float64, float16 or bfloat16, got ", t);
   return t;
 }
 
