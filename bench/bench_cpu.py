@@ -52,7 +52,7 @@ if not __package__:
 
 import torch  # noqa: E402
 
-from bench.common import print_aligned, run_rounds  # noqa: E402
+from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -384,16 +384,6 @@ def warn_backend(fastclip, want):
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_us(x):
-    if x is None:
-        return "-"
-    if x >= 1e5:
-        return f"{x / 1e3:.1f}ms"
-    if x >= 100:
-        return f"{x:.0f}"
-    return f"{x:.1f}"
-
-
 def print_table(rows, file=sys.stdout):
     hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "torch-loop us",
            "speed-up", "target", "mul_ GB/s", "floor us", "fc %floor", "torch %floor"]
@@ -407,11 +397,11 @@ def print_table(rows, file=sys.stdout):
         tgt = r["target_speedup"]
         table.append([
             r["case"] + ("*" if r.get("noisy") else ""), r["dtype"], str(r["tensors"]),
-            f"{r['numel']:,}", _fmt_us(t["fastclip"]["median_us"]), _fmt_us(t["torch_foreach"]["median_us"]),
-            _fmt_us(t["torch_loop"]["median_us"]),
+            f"{r['numel']:,}", fmt_us(t["fastclip"]["median_us"]), fmt_us(t["torch_foreach"]["median_us"]),
+            fmt_us(t["torch_loop"]["median_us"]),
             f"{r['speedup_vs_best_torch']:.2f}x",
             "-" if tgt is None else (f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS")),
-            f"{r['mul_bandwidth_GBps']:.1f}", _fmt_us(r["floor_us"]),
+            f"{r['mul_bandwidth_GBps']:.1f}", fmt_us(r["floor_us"]),
             f"{100 * r['floor_fraction']['fastclip']:.0f}%",
             f"{100 * r['floor_fraction']['torch_best']:.0f}%",
         ])

@@ -51,7 +51,7 @@ from torch.distributions import Categorical  # noqa: E402
 
 from bench.bench_cpu import (  # noqa: E402
     NOISY_CORES, OtherLoad, _backend, command_line, environment_info, import_fastclip, warn_backend)
-from bench.common import print_aligned, run_rounds  # noqa: E402
+from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -287,12 +287,6 @@ def _parity(s, batch, loss_fn, fastclip, max_norm):
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(x):
-    if x is None:
-        return "-"
-    return f"{x / 1e3:.2f}ms" if x >= 1e4 else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
-
-
 def print_table(rows, file=sys.stdout):
     hdr = ["net", "batch", "params", "tensors", "none us", "torch us", "fastclip us",
            "update speed-up", "clip torch us", "clip fastclip us", "clip speed-up", "clipped %"]
@@ -301,10 +295,10 @@ def print_table(rows, file=sys.stdout):
         v = r["variants"]
         table.append([
             r["net"] + ("*" if r.get("noisy") else ""), str(r["batch"]), f"{r['params']:,}", str(r["tensors"]),
-            _fmt(v["none"]["update_median_us"]), _fmt(v["torch"]["update_median_us"]),
-            _fmt(v["fastclip"]["update_median_us"]),
+            fmt_us(v["none"]["update_median_us"]), fmt_us(v["torch"]["update_median_us"]),
+            fmt_us(v["fastclip"]["update_median_us"]),
             f"{r['update_speedup_torch_over_fastclip']:.3f}x",
-            _fmt(v["torch"]["clip_median_us"]), _fmt(v["fastclip"]["clip_median_us"]),
+            fmt_us(v["torch"]["clip_median_us"]), fmt_us(v["fastclip"]["clip_median_us"]),
             f"{r['clip_call_speedup']:.2f}x",
             f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
         ])

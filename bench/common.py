@@ -30,6 +30,13 @@ def run_rounds(one_round, samples, *, min_warm, warm_s, budget_s, rmin, rmax, re
     return repeats, warm
 
 
+def fmt_us(x):
+    """A time in µs for a table cell: '-', 4.2, 337, or 39.84ms from 10 ms up."""
+    if x is None:
+        return "-"
+    return f"{x / 1e3:.2f}ms" if x >= 1e4 else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
+
+
 def print_aligned(hdr, table, left_cols, file):
     """A plain-text table: the first `left_cols` columns left-aligned, the rest right-aligned."""
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
