@@ -59,14 +59,53 @@ FASTCLIP_HD double finish_norm(double acc, NormKind kind, double p) {
   }
 }
 
-// torch's formula, min(max_norm / (norm + 1e-6), 1), evaluated in the norm's
-// precision (float for fp32/fp16/bf16 sets, double when fp64 is involved).
-// NaN stays NaN (torch.clamp propagates it), so a NaN norm poisons the grads
-// exactly as torch's does.
-template <typename real_t>
-FASTCLIP_HD real_t clip_coef(double max_norm, double norm) {
-  real_t c = static_cast<real_t>(max_norm) / (static_cast<real_t>(norm) + static_cast<real_t>(1e-6));
-  return c > real_t(1) ? real_t(1) : c;
+// torch's formula, min(max_norm / (norm + 1e-6), 1), evaluated in double: the
+// norm of fp32 grads may be finite yet above FLT_MAX, and the coefficient of an
+// exploding set may be below FLT_MIN, where a float evaluation gives 0 and
+// zeroes the grads. NaN stays NaN (torch.clamp propagates it), so a NaN norm
+// poisons the grads exactly as torch's does; an inf norm gives 0, as torch.
+FASTCLIP_HD double clip_coef(double max_norm, double norm) {
+  const double c = max_norm / (norm + 1e-6);
+  return c > 1.0 ? 1.0 : c;
+}
+
+// A coefficient applied to float/half grads as x * hi * lo, both normal floats,
+// so a coefficient below FLT_MIN (a float subnormal: few significant bits)
+// keeps its full precision. lo is 1 except in that rare case, and x * hi * 1 is
+// bitwise x * hi.
+struct CoefFactors {
+  float hi, lo;
+};
+FASTCLIP_HD CoefFactors coef_factors(double coef) {
+  constexpr double kFloatMin = 1.17549435082228750797e-38;  // FLT_MIN
+  if (coef > 0 && coef < kFloatMin) return {static_cast<float>(coef * 0x1p64), 0x1p-64f};
+  return {static_cast<float>(coef), 1.0f};
+}
+
+// The fast sum of |x|^p is accumulated in float (double for fp64 grads). It is
+// redone by the rescue pass (max |x| first, then the sum of (|x| / max)^p in
+// double, as BLAS nrm2 does) when it overflowed (inf while every element may
+// be finite) or is so small that subnormal terms lost precision. Inf-norms
+// never need it, nor does L1 underflow (|x| is exact). The check costs one
+// comparison on the normal path.
+FASTCLIP_HD bool needs_rescue(double acc, NormKind kind, bool float_acc) {
+  if (kind == NormKind::Inf) return false;
+  if (acc > 1.7976931348623157e308) return true;  // +inf (NaN is not rescued: a NaN element)
+  if (kind == NormKind::L1) return false;
+  // Below 2^24 (2^53) times the smallest normal, subnormal terms may matter.
+  const double tiny = float_acc ? 0x1p-102 : 0x1p-969;
+  return acc < tiny;
+}
+
+// The norm from the rescue pass: max_abs and the sum of (|x| / max_abs)^p.
+FASTCLIP_HD double rescued_norm(double max_abs, double scaled_sum, NormKind kind, double p) {
+  return max_abs * finish_norm(scaled_sum, kind, p);
+}
+
+// The summand of the rescue pass, in double. A division, not a multiply by
+// 1 / max_abs: that reciprocal overflows when max_abs is subnormal.
+FASTCLIP_HD double scaled_term(double x, double max_abs, NormKind kind, double p) {
+  return norm_term<double>(x / max_abs, kind, p);
 }
 
 }  // namespace fastclip

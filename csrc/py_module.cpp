@@ -5,7 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
-#include "fused_dtypes.h"
+#include "grad_checks.h"
 
 namespace {
 

@@ -12,41 +12,42 @@
 #include <utility>
 #include <vector>
 
+#include "../grad_checks.h"
 #include "clip_kernels.h"
 
 namespace fastclip {
 namespace {
 
+// Only called with a fused dtype (grad_checks.h has checked it).
 gpu::DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return gpu::DType::F32;
     case at::kDouble: return gpu::DType::F64;
     case at::kHalf: return gpu::DType::F16;
-    case at::kBFloat16: return gpu::DType::BF16;
-    default: TORCH_CHECK(false, "fastclip: unsupported grad dtype ", t);
+    default: return gpu::DType::BF16;
   }
 }
 
 // The grads as flat spans. A grad that is not one dense span (a strided view,
 // an expanded tensor) or not element-aligned is replaced by a contiguous copy;
-// the scaling ops copy the result back.
+// the scaling ops copy the result back (as the CPU operator does). A grad
+// listed twice is counted and scaled once (grad_checks.h).
 struct Grads {
   c10::Device device;
   std::vector<gpu::TensorDesc> descs;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (grad, its contiguous copy)
-  bool any_double = false;
+  bool float_acc = false;  // some grad is accumulated in float (not fp64)
 };
 
-Grads gather(at::TensorList grads) {
+Grads gather(at::TensorList grads, const char* op) {
+  check_grads(grads, op);
+  const std::vector<bool> repeated = repeated_grads(grads, op);
   Grads out{grads[0].device(), {}, {}, false};
   out.descs.reserve(grads.size());
-  for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.device() == out.device, "fastclip: all grads must be on one device, got ",
-                out.device, " and ", g.device());
-    TORCH_CHECK(g.layout() == at::kStrided, "fastclip: sparse grads are not supported");
-    const gpu::DType dtype = to_dtype(g.scalar_type());
-    out.any_double |= g.scalar_type() == at::kDouble;
-    if (g.numel() == 0) continue;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    if (g.numel() == 0 || (!repeated.empty() && repeated[i])) continue;
+    out.float_acc |= g.scalar_type() != at::kDouble;
     at::Tensor span = g;
     const bool aligned = reinterpret_cast<uintptr_t>(g.data_ptr()) % g.element_size() == 0;
     if (!g.is_non_overlapping_and_dense() || !aligned) {
@@ -54,13 +55,13 @@ Grads gather(at::TensorList grads) {
       out.copies.emplace_back(g, span);
     }
     // Dense (even if permuted) means numel consecutive elements from data_ptr.
-    out.descs.push_back({span.data_ptr(), span.numel(), 0, dtype});
+    out.descs.push_back({span.data_ptr(), span.numel(), 0, to_dtype(g.scalar_type())});
   }
   return out;
 }
 
-void check(cudaError_t e) {
-  TORCH_CHECK(e == cudaSuccess, "fastclip CUDA kernel launch failed: ", cudaGetErrorString(e));
+void check(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, "fastclip::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
 cudaStream_t current_stream(const c10::Device& device) {
@@ -79,48 +80,48 @@ void copy_back(const Grads& g) {
 // total_norm and clip_grad_norm_ share everything but the scaling. The norm
 // is returned in `requested` if given, else float64/float32.
 at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double max_norm,
-                     std::optional<at::ScalarType> requested) {
-  TORCH_CHECK(norm_type > 0, "fastclip: the fused CUDA norm needs norm_type > 0 or inf, got ", norm_type);
-  TORCH_CHECK(!grads.empty(), "fastclip: empty list of grads");
+                     std::optional<at::ScalarType> requested, const char* op) {
+  check_norm_type(norm_type, op);
+  TORCH_CHECK(!grads.empty(), "fastclip::", op, ": empty list of grads");
   c10::DeviceGuard guard(grads[0].device());
-  Grads g = gather(grads);
-  const auto norm_dtype = requested.value_or(g.any_double ? at::kDouble : at::kFloat);
-  const gpu::DType norm_out_dtype = to_dtype(norm_dtype);  // checks it before any grad is touched
-  if (g.descs.empty()) return at::zeros({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
+  const at::ScalarType out_dtype = norm_dtype(grads, requested, op);  // before any grad is touched
+  Grads g = gather(grads, op);
+  if (g.descs.empty()) return at::zeros({}, at::TensorOptions().dtype(out_dtype).device(g.device));
 
-  at::Tensor norm = at::empty({}, at::TensorOptions().dtype(norm_dtype).device(g.device));
+  at::Tensor norm = at::empty({}, at::TensorOptions().dtype(out_dtype).device(g.device));
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/true);
   at::Tensor ws = workspace(g.device, plan.workspace_bytes);
   check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type),
-                           norm_type, clip, max_norm, g.any_double, norm.data_ptr(), norm_out_dtype,
-                           ws.data_ptr(), current_stream(g.device)));
+                           norm_type, clip, max_norm, g.float_acc, norm.data_ptr(), to_dtype(out_dtype),
+                           ws.data_ptr(), current_stream(g.device)),
+        op);
   if (clip) copy_back(g);
   return norm;
 }
 
 at::Tensor total_norm_cuda(at::TensorList grads, double norm_type) {
-  return norm_impl(grads, norm_type, /*clip=*/false, 0.0, std::nullopt);
+  return norm_impl(grads, norm_type, /*clip=*/false, 0.0, std::nullopt, "total_norm");
 }
 
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type,
-                               std::optional<at::ScalarType> norm_dtype) {
-  return norm_impl(grads, norm_type, /*clip=*/true, max_norm, norm_dtype);
+                               std::optional<at::ScalarType> requested) {
+  return norm_impl(grads, norm_type, /*clip=*/true, max_norm, requested, "clip_grad_norm_");
 }
 
 void scale_cuda(at::TensorList grads, const at::Tensor& coef) {
   if (grads.empty()) return;
   c10::DeviceGuard guard(grads[0].device());
-  Grads g = gather(grads);
-  TORCH_CHECK(coef.numel() == 1 && coef.device() == g.device &&
+  TORCH_CHECK(coef.numel() == 1 && coef.device() == grads[0].device() &&
                   (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble),
-              "fastclip: coef must be a one-element float32/float64 tensor on ", g.device);
+              "fastclip::scale_: coef must be a one-element float32/float64 tensor on the grads' device");
+  Grads g = gather(grads, "scale_");
   if (g.descs.empty()) return;
   const at::Tensor c = coef.contiguous();  // keeps c alive until the launch is enqueued
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/false);
   at::Tensor ws = workspace(g.device, plan.workspace_bytes);
   check(gpu::scale(g.descs.data(), static_cast<int>(g.descs.size()), plan, c.data_ptr(),
-                   c.scalar_type() == at::kDouble, ws.defined() ? ws.data_ptr() : nullptr,
-                   current_stream(g.device)));
+                   c.scalar_type() == at::kDouble, ws.defined() ? ws.data_ptr() : nullptr, current_stream(g.device)),
+        "scale_");
   copy_back(g);
 }
 

@@ -7,10 +7,14 @@
 //            for misaligned starts and a scalar tail; one partial per tile.
 //   barrier  cooperative_groups grid sync: its state is per launch and owned
 //            by the driver, so no counter to zero, no memset, and concurrent
-//            calls on other streams or graph replays cannot share it.
+//            calls on other streams or graph replays cannot share it. (A
+//            single block, not launched cooperatively, uses __syncthreads.)
 //   reduce   few partials: every block reduces them itself (same code, same
 //            order, same bits), so one barrier suffices; many partials: block
-//            0 reduces and a second barrier publishes the coefficient.
+//            0 reduces and a second barrier publishes the coefficient. If the
+//            fast sum overflowed or underflowed (clip_math.h: needs_rescue),
+//            block 0 alone redoes it scaled by max |g| and publishes the
+//            coefficient the same way (rare: an exploding set).
 //   phase 2  scale in place, tiles in reverse order (the most recently read
 //            are the likeliest still in L2); when each block has at most one
 //            tile the values loaded in phase 1 are still in registers and
@@ -39,9 +43,14 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecsPerThread = 4;  // 16-byte loads in flight per thread per tile
 constexpr int64_t kTileBytes = int64_t{kThreads} * kVecsPerThread * 16;  // 32 KiB
-// Co-resident blocks per SM we ask for: half an SM's threads, so kernels on
-// other streams (NCCL, the next layer's backward) keep running beside us.
-constexpr int kMaxBlocksPerSM = 2;
+// Co-resident blocks per SM we ask for: one. A 512-thread block takes a
+// quarter of an SM's thread slots and, at the fused kernel's 80 registers a
+// thread (ptxas -v, sm_90, no spills), 40K of its 64K registers, so kernels on
+// other streams (NCCL, the next layer's backward) keep running beside us; two
+// blocks would not fit. Its 32 KiB of loads in flight per SM is about what
+// HBM's latency x bandwidth asks (~15 KB per SM on an H100). Not yet measured
+// on a GPU (issue 7): choose by measurement there.
+constexpr int kMaxBlocksPerSM = 1;
 // Up to this many partials, each block re-reduces them (<= 32 KiB from L2)
 // rather than waiting at a second grid barrier.
 constexpr int64_t kRedundantReduceMax = 4096;
@@ -77,7 +86,7 @@ struct Job {
   double p;
   bool clip;
   double max_norm;
-  bool real_double;
+  bool float_acc;  // some tensor is accumulated in float: picks needs_rescue's threshold
   void* norm_out;
   DType norm_out_dtype;
   double* partials;   // [num_tiles]
@@ -244,18 +253,13 @@ __device__ A block_reduce(A x, NormKind kind) {
   return scratch[kWarps];
 }
 
-// The norm from the partials, in fp64. L2 loads (__ldcg): the partials were
-// written by other blocks of this grid.
+// The partials combined, in fp64 (the sum of |g|^p, or max |g|). L2 loads
+// (__ldcg): the partials were written by other blocks of this grid.
 __device__ double reduce_partials(const Job& job) {
   double acc = 0;
   for (int64_t i = threadIdx.x; i < job.num_tiles; i += kThreads)
     acc = combine(acc, __ldcg(job.partials + i), job.kind);
-  return finish_norm(block_reduce(acc, job.kind), job.kind, job.p);
-}
-
-__device__ double coefficient(const Job& job, double norm) {
-  return job.real_double ? clip_coef<double>(job.max_norm, norm)
-                         : static_cast<double>(clip_coef<float>(job.max_norm, norm));
+  return block_reduce(acc, job.kind);
 }
 
 __device__ void write_norm(const Job& job, double norm) {
@@ -265,6 +269,54 @@ __device__ void write_norm(const Job& job, double norm) {
     case DType::F16: *static_cast<__half*>(job.norm_out) = __float2half_rn(static_cast<float>(norm)); break;
     default: *static_cast<__nv_bfloat16*>(job.norm_out) = __float2bfloat16_rn(static_cast<float>(norm)); break;
   }
+}
+
+// ---- the rescue pass (one block; clip_math.h: needs_rescue) ----------------
+
+// f(acc, x) over the tile's elements this thread owns, x in double. Scalar
+// loads: the rescue is rare, simple beats fast here.
+template <typename T, typename F>
+__device__ double tile_fold(const Tile& t, double acc, const F& f) {
+  const T* x = reinterpret_cast<const T*>(t.data);
+  for (int i = threadIdx.x; i < t.n; i += kThreads) acc = f(acc, static_cast<double>(Elem<T>::load(x + i)));
+  return acc;
+}
+
+template <typename D, typename F>
+__device__ double fold_all(const D& descs, const Job& job, const F& f) {
+  double acc = 0;  // neutral for the sum and for max |x|
+  for (int64_t t = 0; t < job.num_tiles; ++t) {
+    const Tile tile = locate(descs, job.n, t);
+    switch (tile.dtype) {
+      case DType::F32: acc = tile_fold<float>(tile, acc, f); break;
+      case DType::F64: acc = tile_fold<double>(tile, acc, f); break;
+      case DType::F16: acc = tile_fold<__half>(tile, acc, f); break;
+      default: acc = tile_fold<__nv_bfloat16>(tile, acc, f); break;
+    }
+  }
+  return acc;
+}
+
+// The norm again, by every thread of one block: max |g|, then the sum of
+// (|g| / max)^p in double. Same order on every run (bitwise reproducible).
+template <typename D>
+__device__ double rescued_norm_block(const D& descs, const Job& job, double fast_acc) {
+  const NormKind kind = job.kind;
+  const double p = job.p;
+  const double max_abs = block_reduce(fold_all(descs, job, [](double acc, double x) { return nan_max(acc, fabs(x)); }),
+                                      NormKind::Inf);
+  if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) {
+    return finish_norm(fast_acc, kind, p);  // all zero, or an inf element: the fast result stands
+  }
+  const double scaled = fold_all(descs, job, [&](double acc, double x) { return acc + scaled_term(x, max_abs, kind, p); });
+  return rescued_norm(max_abs, block_reduce(scaled, kind), kind, p);
+}
+
+// The norm from the combined partials, rescued if they left the range.
+template <typename D>
+__device__ double norm_from(const D& descs, const Job& job, double acc) {
+  return needs_rescue(acc, job.kind, job.float_acc) ? rescued_norm_block(descs, job, acc)
+                                                    : finish_norm(acc, job.kind, job.p);
 }
 
 // ---- phase 1: one partial per tile -----------------------------------------
@@ -325,12 +377,30 @@ __device__ void phase1(const Descs<Cap>& descs, const Job& job, uint4 (&v)[kVecs
 
 // ---- phase 2: scale in place -----------------------------------------------
 
+// x * coef: in double for fp64, else in float as x * hi * lo (clip_math.h:
+// coef_factors; lo is 1 unless the coefficient is below FLT_MIN).
+template <typename T>
+struct Scaler {
+  float hi, lo;
+  explicit __device__ Scaler(double coef) {
+    const CoefFactors f = coef_factors(coef);
+    hi = f.hi;
+    lo = f.lo;
+  }
+  __device__ float operator()(float x) const { return x * hi * lo; }
+};
+template <>
+struct Scaler<double> {
+  double c;
+  explicit __device__ Scaler(double coef) : c(coef) {}
+  __device__ double operator()(double x) const { return x * c; }
+};
+
 // v holds the tile's vectors already when `cached` (loaded by phase 1).
 template <typename T>
 __device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
-  using A = typename Elem<T>::acc;
   constexpr int kPerVec = Elem<T>::kPerVec;
-  const A c = static_cast<A>(coef);
+  const Scaler<T> c(coef);
   const Split s = split<T>(t);
   uint4* vec = reinterpret_cast<uint4*>(t.data + s.head * sizeof(T));
   if (!cached) {
@@ -345,14 +415,14 @@ __device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[k
     const int j = threadIdx.x + k * kThreads;
     if (j < s.nvec) {
 #pragma unroll
-      for (int e = 0; e < kPerVec; ++e) Elem<T>::put(v[k], e, Elem<T>::get(v[k], e) * c);
+      for (int e = 0; e < kPerVec; ++e) Elem<T>::put(v[k], e, c(Elem<T>::get(v[k], e)));
       vec[j] = v[k];
     }
   }
   const int i = scalar_index(s, kPerVec);
   if (i >= 0) {
     T* x = reinterpret_cast<T*>(t.data) + i;
-    Elem<T>::store(x, Elem<T>::load(x) * c);
+    Elem<T>::store(x, c(Elem<T>::load(x)));
   }
 }
 
@@ -377,6 +447,18 @@ __device__ void phase2(const Descs<Cap>& descs, int n, int64_t num_tiles, double
 
 // ---- kernels -----------------------------------------------------------------
 
+// A barrier over the whole grid. A single block is launched without the
+// cooperative attribute (grid.sync() is not allowed there) and needs only
+// __syncthreads: e.g. thread 0's store of the last tile's partial must be
+// visible to the thread that reads it in reduce_partials.
+__device__ __forceinline__ void grid_barrier(cg::grid_group& grid) {
+  if (gridDim.x > 1) {
+    grid.sync();
+  } else {
+    __syncthreads();
+  }
+}
+
 template <int Cap>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
 fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
@@ -384,22 +466,32 @@ fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   uint4 v[kVecsPerThread];
   phase1(a.descs, job, v);
   cg::grid_group grid = cg::this_grid();
-  if (gridDim.x > 1) grid.sync();  // a single block needs no grid barrier
+  grid_barrier(grid);
 
   const bool redundant = job.num_tiles <= kRedundantReduceMax || gridDim.x == 1;
   const bool reducer = blockIdx.x == 0 || (job.clip && redundant);
+  // Block 0 hands the coefficient to the others through coef_slot when it
+  // alone reduced, or when the sum needs the (one-block) rescue. Reducers all
+  // see the same acc, so they all take the same branch: every block reaches
+  // the second barrier, or none does.
+  bool publish = !redundant;
   double coef = 1.0;
   if (reducer) {
-    const double norm = reduce_partials(job);
-    coef = coefficient(job, norm);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      write_norm(job, norm);
-      if (!redundant) *job.coef_slot = coef;
+    const double acc = reduce_partials(job);
+    const bool rescue = needs_rescue(acc, job.kind, job.float_acc);
+    publish = publish || rescue;
+    if (!rescue || blockIdx.x == 0) {
+      const double norm = norm_from(a.descs, job, acc);
+      coef = clip_coef(job.max_norm, norm);
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        write_norm(job, norm);
+        if (publish) *job.coef_slot = coef;
+      }
     }
   }
   if (!job.clip) return;
-  if (!redundant) {
-    grid.sync();
+  if (publish) {
+    grid_barrier(grid);
     coef = __ldcg(job.coef_slot);
   }
   phase2(a.descs, job.n, job.num_tiles, coef, job.num_tiles <= gridDim.x, v);
@@ -414,11 +506,13 @@ partials_kernel(const __grid_constant__ FusedArgs<Cap> a) {
 }
 
 // Fallback, launch 2 of 3 (one block): norm and coefficient.
-__global__ void __launch_bounds__(kThreads) finish_kernel(const Job job) {
-  const double norm = reduce_partials(job);
+template <int Cap>
+__global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+  const Job& job = a.job;
+  const double norm = norm_from(a.descs, job, reduce_partials(job));
   if (threadIdx.x == 0) {
     write_norm(job, norm);
-    *job.coef_slot = coefficient(job, norm);
+    *job.coef_slot = clip_coef(job.max_norm, norm);
   }
 }
 
@@ -481,34 +575,52 @@ cudaError_t device_info(int dev, DeviceInfo* out) {
   return cudaSuccess;
 }
 
-// Co-resident blocks of `kernel` per SM, capped at kMaxBlocksPerSM.
-cudaError_t blocks_per_sm(const void* kernel, int dev, int* out) {
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({dev, kernel});
-  if (it == cache.end()) {
+// What we know of one kernel on one device: co-resident blocks per SM
+// (capped at kMaxBlocksPerSM), and whether a cooperative launch of it was
+// refused (cudaErrorCooperativeLaunchTooLarge: MPS or green contexts give us
+// fewer SMs than the attribute says). A refusal is remembered so later calls
+// go straight to the fallback instead of failing a launch every step.
+struct KernelInfo {
+  int per_sm = 0;
+  bool coop_refused = false;
+};
+
+std::mutex kernel_info_mu;
+std::map<std::pair<int, const void*>, KernelInfo> kernel_info_cache;
+
+cudaError_t kernel_info(const void* kernel, int dev, KernelInfo* out) {
+  std::lock_guard<std::mutex> lock(kernel_info_mu);
+  auto it = kernel_info_cache.find({dev, kernel});
+  if (it == kernel_info_cache.end()) {
     int n = 0;
     const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0);
     if (e != cudaSuccess) return e;
     if (n == 0) return cudaErrorInvalidConfiguration;  // cannot run at kThreads on this device
-    it = cache.emplace(std::make_pair(dev, kernel), std::min(n, kMaxBlocksPerSM)).first;
+    it = kernel_info_cache.emplace(std::make_pair(dev, kernel), KernelInfo{std::min(n, kMaxBlocksPerSM), false}).first;
   }
   *out = it->second;
   return cudaSuccess;
 }
 
+void remember_coop_refused(const void* kernel) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return;
+  std::lock_guard<std::mutex> lock(kernel_info_mu);
+  kernel_info_cache[{dev, kernel}].coop_refused = true;
+}
+
 // Grid for `kernel`: one block per tile, at most what can be co-resident.
 template <typename Kernel>
 cudaError_t grid_for(Kernel kernel, int64_t num_tiles, int* grid, bool* coop) {
-  int dev = 0, per_sm = 0;
+  int dev = 0;
   DeviceInfo info;
+  KernelInfo kinfo;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = device_info(dev, &info);
-  if (e == cudaSuccess) e = blocks_per_sm(reinterpret_cast<const void*>(kernel), dev, &per_sm);
+  if (e == cudaSuccess) e = kernel_info(reinterpret_cast<const void*>(kernel), dev, &kinfo);
   if (e != cudaSuccess) return e;
-  *grid = static_cast<int>(std::min({num_tiles, int64_t{per_sm} * info.sms, info.max_grid}));
-  *coop = info.coop;
+  *grid = static_cast<int>(std::min({num_tiles, int64_t{kinfo.per_sm} * info.sms, info.max_grid}));
+  *coop = info.coop && !kinfo.coop_refused;
   return cudaSuccess;
 }
 
@@ -546,12 +658,15 @@ cudaError_t norm_and_clip_impl(const TensorDesc* descs, const Job& job, void* ta
   if (e != cudaSuccess) return e;
   if (grid == 1 || coop) {
     e = launch(fused_kernel<Cap>, grid, grid > 1, stream, args);
-    if (e != cudaErrorCooperativeLaunchTooLarge) return e;  // e.g. an MPS SM limit
+    if (e != cudaErrorCooperativeLaunchTooLarge) return e;
+    // An MPS or green-context SM limit. Under stream capture this error may
+    // only surface at replay: set FASTCLIP_CUDA_NO_COOP=1 to capture there.
     (void)cudaGetLastError();
+    remember_coop_refused(reinterpret_cast<const void*>(fused_kernel<Cap>));
   }
   e = grid_for(partials_kernel<Cap>, job.num_tiles, &grid, &coop);
   if (e == cudaSuccess) e = launch(partials_kernel<Cap>, grid, false, stream, args);
-  if (e == cudaSuccess) e = launch(finish_kernel, 1, false, stream, job);
+  if (e == cudaSuccess) e = launch(finish_kernel<Cap>, 1, false, stream, args);
   if (e != cudaSuccess || !job.clip) return e;
   ScaleArgs<Cap> sargs;
   sargs.descs = args.descs;
@@ -595,6 +710,13 @@ cudaError_t upload(const TensorDesc* descs, int n, void* table, cudaStream_t str
 
 }  // namespace
 
+// A failed launch leaves the runtime's last error set, and torch's next
+// unrelated kernel check would report it as its own: clear it, and return it.
+cudaError_t cleared(cudaError_t e) {
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e;
+}
+
 Plan plan(TensorDesc* descs, int n, bool reduce) {
   int64_t tiles = 0;
   for (int i = 0; i < n; ++i) {
@@ -607,24 +729,26 @@ Plan plan(TensorDesc* descs, int n, bool reduce) {
 }
 
 cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p,
-                          bool clip, double max_norm, bool real_double, void* norm_out,
+                          bool clip, double max_norm, bool float_acc, void* norm_out,
                           DType norm_out_dtype, void* workspace, cudaStream_t stream) {
   double* partials = static_cast<double*>(workspace);
-  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, real_double, norm_out, norm_out_dtype,
+  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, float_acc, norm_out, norm_out_dtype,
                 partials, partials + plan.num_tiles};
-  if (n <= kInlineSmall) return norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream);
-  if (n <= kInlineLarge) return norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream);
+  if (n <= kInlineSmall) return cleared(norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream));
+  if (n <= kInlineLarge) return cleared(norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream));
   void* table = static_cast<char*>(workspace) + partials_bytes(plan.num_tiles, true);
   const cudaError_t e = upload(descs, n, table, stream);
-  return e == cudaSuccess ? norm_and_clip_impl<0>(descs, job, table, stream) : e;
+  return cleared(e == cudaSuccess ? norm_and_clip_impl<0>(descs, job, table, stream) : e);
 }
 
 cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef, bool coef_double,
                   void* workspace, cudaStream_t stream) {
-  if (n <= kInlineSmall) return scale_impl<kInlineSmall>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream);
-  if (n <= kInlineLarge) return scale_impl<kInlineLarge>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream);
+  if (n <= kInlineSmall)
+    return cleared(scale_impl<kInlineSmall>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream));
+  if (n <= kInlineLarge)
+    return cleared(scale_impl<kInlineLarge>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream));
   const cudaError_t e = upload(descs, n, workspace, stream);
-  return e == cudaSuccess ? scale_impl<0>(descs, n, plan.num_tiles, coef, coef_double, workspace, stream) : e;
+  return cleared(e == cudaSuccess ? scale_impl<0>(descs, n, plan.num_tiles, coef, coef_double, workspace, stream) : e);
 }
 
 }  // namespace fastclip::gpu

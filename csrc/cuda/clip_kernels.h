@@ -42,14 +42,17 @@ struct Plan {
 // descriptors when there are too many for the kernel parameter space.
 Plan plan(TensorDesc* descs, int n, bool reduce);
 
-// Global norm of the tensors, written to norm_out in norm_out_dtype. With `clip`, also scales every tensor in place
-// by clip_coef<float or double (real_double)>(max_norm, norm), storing nothing
-// when that coefficient is exactly 1. p > 0 (or kind == Inf). One cooperative
-// launch when the device supports it, else three ordinary launches; never
-// synchronises with the host. workspace: plan(..., true).workspace_bytes of
-// device memory, 16-byte aligned, no initialisation needed.
+// Global norm of the tensors, written to norm_out in norm_out_dtype. With
+// `clip`, also scales every tensor in place by clip_coef(max_norm, norm)
+// (clip_math.h, evaluated in double), storing nothing when that coefficient is
+// exactly 1. p > 0 (or kind == Inf). float_acc: some tensor is not fp64 (picks
+// the rescue threshold, clip_math.h: needs_rescue). One cooperative launch when
+// the device supports it, else three ordinary launches; never synchronises with
+// the host. On error the CUDA runtime's last error is cleared, so torch's next
+// kernel check does not report ours. workspace: plan(..., true).workspace_bytes
+// of device memory, 16-byte aligned, no initialisation needed.
 cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind,
-                          double p, bool clip, double max_norm, bool real_double,
+                          double p, bool clip, double max_norm, bool float_acc,
                           void* norm_out, DType norm_out_dtype, void* workspace,
                           cudaStream_t stream);
 

@@ -1,0 +1,103 @@
+// The rules every fused op applies to its list of grads, in one place for the
+// CPU operator, the CUDA glue and the eager entry (py_module.cpp), so that all
+// backends accept the same grads and reject the rest with the same message.
+// fastclip/clip.py's _FUSED_DTYPES is the Python twin of is_fused_dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fastclip {
+
+inline bool is_fused_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+// Checks every grad (before anything is touched): strided, a fused dtype, all
+// on one device.
+inline void check_grads(at::TensorList grads, const char* op) {
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.layout() == at::kStrided, "fastclip::", op, ": sparse grads are not supported");
+    TORCH_CHECK(is_fused_dtype(g.scalar_type()), "fastclip::", op,
+                ": grads must be float32, float64, float16 or bfloat16, got ", g.scalar_type());
+    TORCH_CHECK(g.device() == grads[0].device(), "fastclip::", op, ": all grads must be on one device, got ",
+                grads[0].device(), " and ", g.device());
+  }
+}
+
+inline void check_norm_type(double p, const char* op) {
+  TORCH_CHECK(p > 0.0, "fastclip::", op, ": norm_type must be > 0 or inf, got ", p,
+              " (p <= 0 is handled by fastclip's reference path)");
+}
+
+inline bool any_double(at::TensorList grads) {
+  return std::any_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.scalar_type() == at::kDouble; });
+}
+
+// The dtype a norm is returned in: the caller's, else float64 if any grad is
+// fp64, else float32 (the accumulation precision).
+inline at::ScalarType norm_dtype(at::TensorList grads, std::optional<at::ScalarType> requested, const char* op) {
+  const at::ScalarType t = requested.value_or(any_double(grads) ? at::kDouble : at::kFloat);
+  TORCH_CHECK(is_fused_dtype(t), "fastclip::", op, ": norm_dtype must be float32, float64, float16 or bfloat16, got ",
+              t);
+  return t;
+}
+
+// Which grads repeat an earlier one: the same memory seen twice (the same
+// tensor listed twice, or a reshaped view of it). A repeat is counted and
+// scaled once: torch counts it twice and scales it by coef^2 (and a fused
+// kernel would scale it c or c^2 depending on timing). Dense grads that
+// overlap only in part have no sensible clip: an error. Non-dense grads may
+// interleave without sharing an element (g[::2], g[1::2]) and are let through.
+// Returns an empty vector when nothing repeats (the common case: one pass,
+// no sort, when the grads lie in ascending or descending address order).
+inline std::vector<bool> repeated_grads(at::TensorList grads, const char* op) {
+  struct Extent {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Extent> ext;
+  ext.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    if (g.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element, in elements (torch strides are >= 0)
+    for (int64_t d = 0; d < g.dim(); ++d) last += (g.size(d) - 1) * g.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(g.data_ptr());
+    ext.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * g.element_size()), i});
+  }
+  const auto by_begin = [](const Extent& a, const Extent& b) { return a.begin < b.begin; };
+  if (std::is_sorted(ext.begin(), ext.end(), by_begin)) {
+  } else if (std::is_sorted(ext.rbegin(), ext.rend(), by_begin)) {
+    std::reverse(ext.begin(), ext.end());
+  } else {
+    std::sort(ext.begin(), ext.end(), [](const Extent& a, const Extent& b) {
+      return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;
+    });
+  }
+  const auto dense = [&](const Extent& e) { return grads[e.index].is_non_overlapping_and_dense(); };
+  std::vector<bool> repeated;
+  const Extent* reach = nullptr;  // the extent that ends furthest so far
+  for (size_t k = 0; k < ext.size(); ++k) {
+    const Extent& b = ext[k];
+    if (reach != nullptr && b.begin < reach->end) {
+      const Extent& a = ext[k - 1];
+      if (a.begin == b.begin && a.end == b.end && dense(a) && dense(b) &&
+          grads[a.index].scalar_type() == grads[b.index].scalar_type()) {
+        if (repeated.empty()) repeated.resize(grads.size(), false);
+        repeated[std::max(a.index, b.index)] = true;  // keep the first listed
+        continue;
+      }
+      TORCH_CHECK(!(dense(*reach) && dense(b)), "fastclip::", op, ": grads ", std::min(reach->index, b.index),
+                  " and ", std::max(reach->index, b.index),
+                  " share part of their memory, so no scale of each one is a clip; pass each gradient once");
+    }
+    if (reach == nullptr || b.end > reach->end) reach = &b;
+  }
+  return repeated;
+}
+
+}  // namespace fastclip
