@@ -5,9 +5,11 @@
 
 TORCH_LIBRARY(fastclip, m) {
   // Global p-norm (p > 0 or inf) over every element of every grad; all grads on
-  // one device. Accumulated in fp32 (fp64 if any grad is fp64); the result is a
-  // 0-dim float32 tensor (float64 if any grad is fp64) on that device.
-  m.def("total_norm(Tensor[] grads, float norm_type) -> Tensor");
+  // one device. Accumulated in fp32 (fp64 if any grad is fp64), overflow- and
+  // underflow-safe; the result is a 0-dim tensor of norm_dtype (default: float32,
+  // float64 if any grad is fp64) on that device. norm_dtype=float64 keeps a norm
+  // above FLT_MAX finite.
+  m.def("total_norm(Tensor[] grads, float norm_type, ScalarType? norm_dtype=None) -> Tensor");
   // grads *= coef in place. coef: 0-dim float32/float64 tensor on the grads'
   // device, already clamped. When coef == 1 nothing is stored.
   m.def("scale_(Tensor(a!)[] grads, Tensor coef) -> ()");

@@ -40,8 +40,9 @@ if LOADED:
 
     # Fake kernels: shapes and dtypes only, so torch.compile can trace the ops.
     @torch.library.register_fake("fastclip::total_norm")
-    def _(grads, norm_type):
-        return _norm_like(grads)
+    def _(grads, norm_type, norm_dtype=None):
+        norm = _norm_like(grads)
+        return norm if norm_dtype is None else norm.to(norm_dtype)
 
     @torch.library.register_fake("fastclip::scale_")
     def _(grads, coef):

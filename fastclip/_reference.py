@@ -1,10 +1,13 @@
 """The pure-torch path: the fallback where the extension is missing (or for
 inputs the fused ops do not take: p <= 0, complex grads, devices without
-kernels), and an oracle for the tests.
+kernels).
 
 It mirrors torch's algorithm (per-tensor norms, then the norm of the norms),
 but accumulates in float32 (float64 for float64 grads) like the fused ops, so
-a half-precision norm that overflows never zeroes the gradients.
+a half-precision norm that overflows never zeroes the gradients; and, like the
+fused ops, it is overflow- and underflow-safe for p > 0 (the grads are scaled
+by a power of two near their largest magnitude, which is exact) and counts a
+grad listed twice once. No host synchronisation.
 """
 import torch
 
@@ -13,19 +16,49 @@ def accumulate_dtype(grads):
     return torch.float64 if any(g.dtype in (torch.float64, torch.complex128) for g in grads) else torch.float32
 
 
-def total_norm(grads, norm_type):
-    """Global norm of grads on one device, as a 0-dim float32/float64 tensor."""
-    acc = accumulate_dtype(grads)
-    norms = [
-        torch.linalg.vector_norm(g, norm_type, dtype=acc if g.is_floating_point() else None).to(acc)
-        for g in grads
-    ]
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+def unique(grads):
+    """grads without repeats of the same tensor object (counted and scaled once, as the fused ops do)."""
+    seen = set()
+    return [g for g in grads if not (id(g) in seen or seen.add(id(g)))]
+
+
+def _norm(g, norm_type, acc, scale=None):
+    """vector_norm of one grad accumulated in acc (complex grads: in their own dtype), optionally of g / scale."""
+    floating = g.is_floating_point()
+    if scale is not None:
+        g = (g.to(acc) if floating else g) / scale
+    return torch.linalg.vector_norm(g, norm_type, dtype=acc if floating else None).to(acc)
+
+
+def _power_of_two_near_max(grads, acc):
+    """2^floor(log2(max |g|)) as a 0-dim tensor, or 1 where that max is 0, inf or NaN
+    (then scaling changes nothing and the result is torch's)."""
+    peak = torch.stack([_norm(g, float("inf"), acc) for g in grads]).max()
+    _, exponent = torch.frexp(peak)
+    scale = torch.ldexp(torch.ones_like(peak), exponent - 1)
+    return torch.where(torch.isfinite(peak) & (peak > 0), scale, torch.ones_like(peak))
+
+
+def total_norm(grads, norm_type, norm_dtype=None):
+    """Global norm of grads on one device, as a 0-dim tensor of norm_dtype (default:
+    float32, float64 if a grad is float64); float64 keeps a norm above FLT_MAX finite."""
+    acc, device = accumulate_dtype(grads), grads[0].device
+    out = norm_dtype or acc
+    grads = unique(grads)
+    if norm_type >= 0:
+        grads = [g for g in grads if g.numel()]  # they add nothing (torch raises on them for inf)
+        if not grads:
+            return torch.zeros((), dtype=out, device=device)
+    if norm_type <= 0:  # torch's own definition, unscaled (p = 0 counts non-zeros)
+        return torch.linalg.vector_norm(torch.stack([_norm(g, norm_type, acc) for g in grads]), norm_type).to(out)
+    scale = _power_of_two_near_max(grads, acc)
+    norms = torch.stack([_norm(g, norm_type, acc, scale) for g in grads])
+    return torch.linalg.vector_norm(norms, norm_type).to(out) * scale.to(out)
 
 
 def scale_(grads, coef):
     """grads *= coef in place (coef: 0-dim tensor on the grads' device)."""
-    torch._foreach_mul_(grads, coef)
+    torch._foreach_mul_(unique(grads), coef)
 
 
 def clip_coef(max_norm, norm):

@@ -26,6 +26,10 @@ _NONFINITE_MSG = (
     "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
     "`error_if_nonfinite=False`"
 )
+_OVERFLOW_NOTE = (
+    " (fastclip: the norm itself, {:.6g}, is finite, but it overflows {}, the dtype the norm is "
+    "returned in; with `error_if_nonfinite=False` the grads are clipped by the finite norm)"
+)
 
 
 # ---- input handling ---------------------------------------------------------
@@ -118,19 +122,19 @@ def _fused_ok(grads, device, norm_type):
 
 
 def _device_norms(groups, norm_type):
-    """One accurate (float32/float64) norm per device group."""
+    """One accurate float64 norm per device group (a norm above FLT_MAX stays finite)."""
     norms = []
     for device, gs in groups.items():
         fused = _fused_ok(gs, device, norm_type)
-        norms.append(_ops.total_norm(gs, norm_type) if fused else _reference.total_norm(gs, norm_type))
+        total_norm = _ops.total_norm if fused else _reference.total_norm
+        norms.append(total_norm(gs, norm_type, torch.float64))
     return norms
 
 
 def _combine_norms(norms, norm_type, device):
     if len(norms) == 1:
         return norms[0]
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
 
 def _scale_groups(groups, coef):
@@ -142,9 +146,14 @@ def _scale_groups(groups, coef):
             _reference.scale_(gs, c)
 
 
-def _raise_if_nonfinite(norm, norm_type):
-    if not torch.isfinite(norm).item():
-        raise RuntimeError(_NONFINITE_MSG.format(norm_type))
+def _raise_if_nonfinite(norm, norm_type, dtype):
+    """error_if_nonfinite's contract: raise when the norm as returned (in the grads'
+    dtype) is non-finite, as torch does, though fastclip's float64 norm may be finite."""
+    returned = norm.to(dtype)
+    if not torch.isfinite(returned).item():
+        note = _OVERFLOW_NOTE.format(float(norm), dtype) if torch.isfinite(norm).item() else ""
+        raise RuntimeError(_NONFINITE_MSG.format(norm_type) + note)
+    return returned
 
 
 # ---- public API ----------------------------------------------------------------
@@ -168,7 +177,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     with torch.no_grad():
         norm = _combine_norms(_device_norms(_group_by_device(tensors), norm_type), norm_type, tensors[0].device)
         if error_if_nonfinite:
-            _raise_if_nonfinite(norm, norm_type)
+            return _raise_if_nonfinite(norm, norm_type, _result_dtype(tensors))
         return norm.to(_result_dtype(tensors))
 
 
@@ -183,8 +192,9 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         return
     _check_grads(grads, fn)
     with torch.no_grad():
-        acc = _reference.accumulate_dtype(grads)
-        coef = _reference.clip_coef(max_norm, total_norm.to(acc))
+        # In float64 whatever total_norm's dtype, as the fused ops do: a float64
+        # norm above FLT_MAX (or a coefficient below FLT_MIN) must not become inf (0).
+        coef = _reference.clip_coef(max_norm, total_norm.to(torch.float64))
         _scale_groups(_group_by_device(grads), coef)
 
 
@@ -232,7 +242,7 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         # Norm first (the check sees it before any grad is touched), then scale.
         norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
         if error_if_nonfinite:
-            _raise_if_nonfinite(norm, norm_type)
+            _raise_if_nonfinite(norm, norm_type, dtype)
         _scale_groups(groups, _reference.clip_coef(max_norm, norm))
         return norm.to(dtype)
 
@@ -248,7 +258,24 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     if not grads:
         return
     _check_grads(grads, fn)
+    if any(g.is_complex() for g in grads):
+        raise TypeError(f"fastclip.{fn}: complex gradients have no order, so they cannot be clamped")
     with torch.no_grad():
-        for gs in _group_by_device(grads).values():
-            torch._foreach_clamp_min_(gs, -clip_value)
-            torch._foreach_clamp_max_(gs, clip_value)
+        for gs in _group_by_dtype_and_device(grads).values():
+            bound = _bound_in(clip_value, gs[0].dtype)
+            torch._foreach_clamp_min_(gs, -bound)
+            torch._foreach_clamp_max_(gs, bound)
+
+
+def _group_by_dtype_and_device(grads):
+    groups = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    return groups
+
+
+def _bound_in(clip_value, dtype):
+    """clip_value as the dtype holds it (rounded to nearest, inf beyond its range), so
+    a bound too large for one dtype clamps nothing there instead of raising halfway
+    through the grads: clamping to the rounded bound is the clamp computed in that dtype."""
+    return torch.tensor(clip_value, dtype=torch.float64).to(dtype).item()

@@ -100,10 +100,11 @@ at::Tensor norm_tensor(double norm, at::ScalarType dtype) {
 
 // ---- ops ----------------------------------------------------------------------
 
-at::Tensor total_norm_cpu(at::TensorList grads, double norm_type) {
+at::Tensor total_norm_cpu(at::TensorList grads, double norm_type, std::optional<at::ScalarType> requested) {
   check_norm_type(norm_type, "total_norm");
+  const at::ScalarType out_dtype = norm_dtype(grads, requested, "total_norm");
   const GradSet set = make_grad_set(grads, "total_norm");
-  return norm_tensor(global_norm(set, norm_type), norm_dtype(grads, std::nullopt, "total_norm"));
+  return norm_tensor(global_norm(set, norm_type), out_dtype);
 }
 
 void scale_cpu(at::TensorList grads, const at::Tensor& coef) {

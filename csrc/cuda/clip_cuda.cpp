@@ -99,8 +99,8 @@ at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double m
   return norm;
 }
 
-at::Tensor total_norm_cuda(at::TensorList grads, double norm_type) {
-  return norm_impl(grads, norm_type, /*clip=*/false, 0.0, std::nullopt, "total_norm");
+at::Tensor total_norm_cuda(at::TensorList grads, double norm_type, std::optional<at::ScalarType> requested) {
+  return norm_impl(grads, norm_type, /*clip=*/false, 0.0, requested, "total_norm");
 }
 
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type,
