@@ -57,8 +57,17 @@ def total_norm(grads, norm_type, norm_dtype=None):
 
 
 def scale_(grads, coef):
-    """grads *= coef in place (coef: 0-dim tensor on the grads' device)."""
-    torch._foreach_mul_(unique(grads), coef)
+    """grads *= coef in place (coef: 0-dim tensor on the grads' device). Real grads below
+    fp64 are scaled in float64 and rounded once: a coefficient below FLT_MIN (an exploding
+    set) would lose its precision as a float subnormal, and in fp16 vanish."""
+    grads = unique(grads)
+    wide = [g for g in grads if g.is_floating_point() and g.dtype != torch.float64]
+    coef64 = coef.to(torch.float64)
+    for g in wide:
+        g.copy_(g.to(torch.float64).mul_(coef64))
+    rest = [g for g in grads if not (g.is_floating_point() and g.dtype != torch.float64)]
+    if rest:
+        torch._foreach_mul_(rest, coef)
 
 
 def clip_coef(max_norm, norm):

@@ -61,3 +61,25 @@ def fp64_norm(params, norm_type):
     """The exact-ish norm: fp64 over every element, as one vector."""
     flat = torch.cat([g.detach().double().reshape(-1) for g in grads(params)])
     return float(torch.linalg.vector_norm(flat, float(norm_type)))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def exact_norm(tensors, norm_type):
+    """The overflow-safe fp64 oracle: the p-norm of every element, scaled by the largest
+    magnitude (as BLAS nrm2 does) so sums that leave even fp64's range stay finite."""
+    flat = torch.cat([t.detach().reshape(-1).cpu().double() for t in tensors]) if tensors else torch.zeros(0)
+    norm_type = float(norm_type)
+    if flat.numel() == 0:
+        return 0.0
+    peak = float(flat.abs().max())
+    if not math.isfinite(peak) or peak == 0 or math.isinf(norm_type):
+        return float(torch.linalg.vector_norm(flat, norm_type))
+    return peak * float(torch.linalg.vector_norm(flat / peak, norm_type))
+
+
+def exact_clip(tensors, max_norm, norm_type):
+    """The grads clipped by the oracle's coefficient, in fp64."""
+    coef = min(max_norm / (exact_norm(tensors, norm_type) + 1e-6), 1.0)
+    return [t.detach().cpu().double() * coef for t in tensors]
