@@ -265,8 +265,10 @@ _DRIVER = textwrap.dedent("""
     torch.manual_seed(7)
     small = [torch.randn(s, device="cuda") for s in [(64, 4), (64,), (300, 257), (8193,)]]
     big = [torch.randn(35_000_000, device="cuda"), torch.randn(513, device="cuda").half()]  # > 4096 tiles
+    # fp32 squares overflow: the one-block rescue pass, on each grid and on the fallback
+    exploding = [torch.randn(70_000, device="cuda") * 3e19, torch.randn(300, device="cuda")]
     out = []
-    for grads in (small, big):
+    for grads in (small, big, exploding):
         out.append(torch.ops.fastclip.total_norm(grads, 2.0).cpu())
         gs = [g.clone() for g in grads]
         out.append(torch.ops.fastclip.clip_grad_norm_(gs, 1.0, 2.0).cpu())
@@ -299,6 +301,7 @@ _BUSY = textwrap.dedent("""
     import torch, fastclip
     a = torch.randn(4096, 4096, device="cuda")
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # `a` was made on the default stream
     with torch.cuda.stream(side):
         for _ in range(200):
             a = torch.tanh(a @ a)  # keeps every SM busy while we launch
@@ -338,3 +341,51 @@ def test_one_kernel_launch_per_call(dtype):
     assert norm.dtype == dtype
     gpu_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(gpu_events) == 1, gpu_events
+
+
+_REFUSED = textwrap.dedent("""
+    import torch, fastclip
+    torch.manual_seed(3)
+    grads = [torch.randn(35_000_000, device="cuda"), torch.randn(4097, device="cuda")]  # > 4000 tiles
+    want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads])).item()
+    for _ in range(3):  # the first call is refused (TooLarge) and falls back; later ones go straight there
+        gs = [g.clone() for g in grads]
+        norm = torch.ops.fastclip.clip_grad_norm_(gs, 1.0, 2.0)
+        assert abs(norm.item() - want) <= 1e-5 * want, (norm.item(), want)
+        got = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in gs])).item()
+        assert abs(got - 1.0) < 1e-4, got
+    # The refusal must not be left as the runtime's last error: torch checks it after
+    # its own launches and would report fastclip's error as its own.
+    x = torch.ones(1000, device="cuda") * 2
+    torch.cuda.synchronize()
+    assert x.sum().item() == 2000
+    print("ok")
+""")
+
+
+def test_refused_cooperative_launch_falls_back_and_clears_the_error():
+    """FASTCLIP_CUDA_FORCE_GRID asks for more blocks than can be co-resident, as MPS or a
+    green context would make the device do: the cooperative launch is refused."""
+    env = {**os.environ, "FASTCLIP_CUDA_FORCE_GRID": "100000"}
+    out = subprocess.run([sys.executable, "-c", _REFUSED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+_ONE_BLOCK = textwrap.dedent("""
+    import torch, fastclip
+    torch.manual_seed(4)
+    grads = [torch.randn(3_000_000, device="cuda"), torch.randn(77, device="cuda").half()]  # ~370 tiles
+    want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads])).item()
+    for _ in range(30):  # the race read a partial before it was written, now and then
+        norm = torch.ops.fastclip.total_norm(grads, 2.0).item()
+        assert abs(norm - want) <= 1e-5 * want, (norm, want)
+    print("ok")
+""")
+
+
+def test_single_block_reads_every_partial_after_it_is_written():
+    """One block walking many tiles: thread 0 stores each tile's partial, every thread reads
+    them in the reduction; without a barrier between the two the norm was sometimes wrong."""
+    env = {**os.environ, "FASTCLIP_CUDA_MAX_GRID": "1"}
+    out = subprocess.run([sys.executable, "-c", _ONE_BLOCK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -543,16 +543,23 @@ struct DeviceInfo {
   int sms = 0;
   bool coop = false;
   int64_t max_grid = INT_MAX;
+  int64_t force_grid = 0;
 };
 
-// Test knobs, read once per device: FASTCLIP_CUDA_NO_COOP=1 takes the
-// three-launch fallback, FASTCLIP_CUDA_MAX_GRID=N caps the grid (the tests
-// check that neither changes a single bit of the result).
-void apply_test_knobs(DeviceInfo* info) {
+// Knobs, read once per device. FASTCLIP_CUDA_NO_COOP=1 takes the three-launch
+// fallback (also the way to capture a graph under MPS, where a cooperative
+// launch may be refused only at replay). Test knobs: FASTCLIP_CUDA_MAX_GRID=N
+// caps the grid (the tests check that neither changes a single bit of the
+// result); FASTCLIP_CUDA_FORCE_GRID=N sets it past the occupancy cap, so a
+// cooperative launch is refused (TooLarge) and the fallback path, its
+// bookkeeping and the cleared last error can be tested on any GPU.
+void apply_knobs(DeviceInfo* info) {
   const char* no_coop = std::getenv("FASTCLIP_CUDA_NO_COOP");
   if (no_coop && no_coop[0] == '1') info->coop = false;
   const char* max_grid = std::getenv("FASTCLIP_CUDA_MAX_GRID");
   if (max_grid && std::atoll(max_grid) > 0) info->max_grid = std::atoll(max_grid);
+  const char* force_grid = std::getenv("FASTCLIP_CUDA_FORCE_GRID");
+  if (force_grid && std::atoll(force_grid) > 0) info->force_grid = std::atoll(force_grid);
 }
 
 // Attribute queries cost microseconds; a training step calls us every step.
@@ -568,7 +575,7 @@ cudaError_t device_info(int dev, DeviceInfo* out) {
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
     if (e != cudaSuccess) return e;
     info.coop = coop != 0;
-    apply_test_knobs(&info);
+    apply_knobs(&info);
     it = cache.emplace(dev, info).first;
   }
   *out = it->second;
@@ -619,7 +626,8 @@ cudaError_t grid_for(Kernel kernel, int64_t num_tiles, int* grid, bool* coop) {
   if (e == cudaSuccess) e = device_info(dev, &info);
   if (e == cudaSuccess) e = kernel_info(reinterpret_cast<const void*>(kernel), dev, &kinfo);
   if (e != cudaSuccess) return e;
-  *grid = static_cast<int>(std::min({num_tiles, int64_t{kinfo.per_sm} * info.sms, info.max_grid}));
+  const int64_t resident = info.force_grid > 0 ? info.force_grid : int64_t{kinfo.per_sm} * info.sms;
+  *grid = static_cast<int>(std::min({num_tiles, resident, info.max_grid}));
   *coop = info.coop && !kinfo.coop_refused;
   return cudaSuccess;
 }
