@@ -106,7 +106,9 @@ def ensure(export: Path | None, repo: Path = REPO) -> int:
             tar.add(so, arcname=str(so.relative_to(repo)))
     installed.write_text(k + "\n")
     print(f"built; cached as {archive.relative_to(repo)} ({archive.stat().st_size / 2**20:.1f} MiB)")
-    if export:
+    if archive.stat().st_size > 16 * 2**20:  # the device tool returns files of at most 16 MiB
+        print("too large to come back from the device machine: later calls will build again")
+    elif export:
         export.mkdir(parents=True, exist_ok=True)
         shutil.copy2(archive, export / archive.name)
         print(f"exported to {export / archive.name}: carry it in build/gpu-cache/ next time")
