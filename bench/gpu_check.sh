@@ -190,7 +190,7 @@ stage_trainers() {
 stage_rest() {
   local f ignore=()
   for f in tests/test_cuda*.py; do ignore+=("--ignore=$f"); done
-  pytest_step tests_rest 480 tests "${ignore[@]}"
+  pytest_step tests_rest 300 tests "${ignore[@]}"
 }
 
 run_stage() {
