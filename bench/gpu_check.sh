@@ -47,7 +47,7 @@ ALL_STAGES=(build cuda-tests sanitize bench trainers rest)
 DRY_RUN=0 OUT_DIR="" EXPORT=""
 export PYTHONUNBUFFERED=1  # a step killed at its limit keeps its log
 
-usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
 stages=()
 declare -A STEPS_OF
 while (($#)); do
@@ -56,7 +56,7 @@ while (($#)); do
     --out) OUT_DIR=${2:?--out needs a folder}; shift ;;
     --export) EXPORT=${2:?--export needs a folder}; shift ;;
     --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     all) stages+=("${ALL_STAGES[@]}") ;;
     -*) echo "gpu_check: unknown option $1" >&2; usage ;;
     *)
