@@ -1,134 +1,279 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (torch installed, no network):
-#   bench/gpu_check.sh [OUTDIR]     (default bench/results/<date>-<gpu>/)
-# 1. builds the extension in place with the CUDA kernels (FASTCLIP_FORCE_CUDA=1),
-# 2. runs tests/test_cuda.py,
-# 3. runs compute-sanitizer memcheck, racecheck and synccheck on a small driver
-#    that exercises every kernel path (fused cooperative, the fallback, the
-#    descriptor table, misaligned views, every dtype and norm type),
-# 4. runs bench/bench_gpu.py and the update-step benchmark on cuda,
-# 5. runs each trainer briefly with --device cuda (needs gymnasium: carry its wheels),
-# 6. runs the rest of the test suite,
-# and writes each step's log, env.txt and summary.{txt,json} (command, exit
-# status, seconds of every step) to OUTDIR. Each step's time limit shrinks to
-# what is left of GPU_CHECK_BUDGET_S (default 530 s), so the whole run fits in
-# ~9 minutes. Exit status: 0 when every step passed.
+# fastclip's checks on a GPU machine (torch installed, no network), in stages that each fit one
+# remote call of the device tool (<= 9 minutes); bench/README.md gives the exact calls.
+#
+#   bench/gpu_check.sh [--dry-run] [--out DIR] [--export DIR] [--budget SECONDS] STAGE[:STEP,...]...
+#
+# Stages, run in the order given ("all": every one, in this order):
+#   build       build the extension with its CUDA kernels against this machine's torch
+#               (bench/gpu_build_cache.py: skipped when the build in the tree, or one carried in
+#               build/gpu-cache/, was made from the same sources and toolchain), then
+#               fastclip.backend() must be "cuda". Every call runs it first, named or not: each
+#               remote call starts from a fresh copy of the working tree.
+#   cuda-tests  tests/test_cuda*.py (a new GPU test file joins by its name)
+#   sanitize    compute-sanitizer on bench/sanitize_driver.py: memcheck of the fused kernel (with
+#               a > 4096-tile set), memcheck of the three-launch fallback, racecheck, synccheck
+#   bench       bench/bench_gpu.py and bench/bench_update.py --device cuda (JSON kept)
+#   trainers    examples/{dqn,a2c,reinforce}.py --device cuda, briefly (gymnasium: carried wheels)
+#   rest        the rest of the test suite
+# STAGE:STEP,... runs only those steps of a stage (e.g. sanitize:racecheck,synccheck), to finish
+# in a later call what an earlier one had no time for.
+#
+# Results: OUT (default bench/results/<date>-<gpu>/) gets env-<time>.txt, and per stage
+# <stage>/<step>.log, <stage>/<step>.step.tsv (exit status, seconds, command) and
+# <stage>/summary.json, and over all stages summary.{txt,json} (bench/gpu_summary.py: only a
+# non-zero exit status is a failure; what did not run is listed apart, with the reason).
+# --export DIR (the device tool's $OUT) copies there what must come back: one archive of OUT,
+# summary.{txt,json}, and a newly built extension archive to carry into the next call.
+#
+# Time: each step has a cap (2-3 times what it is expected to take). A step starts only if the
+# call's budget (--budget, default GPU_CHECK_BUDGET_S or 510 s) has at least half its cap left,
+# and its limit is cut to what is left. Steps that do not start are reported as not run, with
+# the STAGE:step to run in the next call.
+#
+# --dry-run (no GPU needed): runs the step machinery on synthetic steps (exit 0, exit 1, a time-out,
+# a budget skip, a declared NOT RUN) and checks the summary counts them right, then checks that
+# every command of the named stages resolves (bench/gpu_dry_run.py). Nothing else runs.
+#
+# Exit status: 0 when no step failed (steps that did not run are not failures), 1 otherwise,
+# 2 on a usage error.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-BUDGET=${GPU_CHECK_BUDGET_S:-530}
+cd "$(dirname "$0")/.." || exit 2
 
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -n1 | tr -c 'A-Za-z0-9\n' '-')
-OUT=${1:-bench/results/$(date +%Y-%m-%d)-${gpu:-unknown-gpu}}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-: >"$OUT/steps.tsv"
+PYTHON=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-510}
+RESERVE=20  # seconds kept for the summary and the export
+ALL_STAGES=(build cuda-tests sanitize bench trainers rest)
+DRY_RUN=0 OUT_DIR="" EXPORT=""
+export PYTHONUNBUFFERED=1  # a step killed at its limit keeps its log
 
-# step NAME MAX_SECONDS CMD...: runs CMD with a time limit, logs to OUT/NAME.log.
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
+stages=()
+declare -A STEPS_OF
+while (($#)); do
+  case $1 in
+    --dry-run) DRY_RUN=1 ;;
+    --out) OUT_DIR=${2:?--out needs a folder}; shift ;;
+    --export) EXPORT=${2:?--export needs a folder}; shift ;;
+    --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
+    -h|--help) usage 0 ;;
+    all) stages+=("${ALL_STAGES[@]}") ;;
+    -*) echo "gpu_check: unknown option $1" >&2; usage ;;
+    *)
+      name=${1%%:*}
+      [[ " ${ALL_STAGES[*]} " == *" $name "* ]] || { echo "gpu_check: unknown stage $name" >&2; usage; }
+      stages+=("$name")
+      [[ $1 == *:* ]] && STEPS_OF[$name]=${1#*:} ;;
+  esac
+  shift
+done
+((${#stages[@]})) || { echo "gpu_check: name the stages to run (or all)" >&2; usage; }
+# build first, once, whether named or not; the rest in the order given, each once.
+ordered=(build)
+for s in "${stages[@]}"; do [[ " ${ordered[*]} " == *" $s "* ]] || ordered+=("$s"); done
+
+# ---- the step machinery ---------------------------------------------------------------------
+
+STAGE="" STAGE_DIR="" SKIP_REASON="" BUILD_FAILED=""
+
+# record NAME RESULT SECONDS LIMIT CAP STARTED REASON COMMAND: the step's line for gpu_summary.py.
+record() {
+  local IFS=$'\t' fields=("$@")
+  fields=("${fields[@]//$'\t'/ }")
+  printf '%s\n' "${fields[*]//$'\n'/ }" >"$STAGE_DIR/$1.step.tsv"
+}
+
+now() { date -u +%Y-%m-%dT%H:%M:%S.%NZ; }
+
+not_run() {
+  local name=$1 reason=$2; shift 2
+  echo "== $STAGE/$name: NOT RUN: $reason"
+  record "$name" not-run 0 "" "" "$(now)" "$reason" "$*"
+}
+
+wanted() {
+  local only=${STEPS_OF[$STAGE]:-}
+  [[ -z $only || ",$only," == *",$1,"* ]]
+}
+
+# step NAME CAP CMD...: run CMD in the current stage under a time limit (CAP seconds, less if the
+# call's budget has less left, but not less than half of CAP: then it does not start); its output
+# goes to STAGE_DIR/NAME.log. Returns CMD's exit status (0 when it did not run).
 step() {
   local name=$1 cap=$2; shift 2
-  local left=$((BUDGET - SECONDS)) limit start rc
-  limit=$((cap < left ? cap : left))
-  if ((limit < 10)); then
-    echo "== $name: SKIPPED, out of time budget" | tee "$OUT/$name.log"
-    printf '%s\t%s\t%s\t%s\n' "$name" skipped 0 "$*" >>"$OUT/steps.tsv"
-    return
+  wanted "$name" || return 0
+  if ((DRY_RUN)); then
+    (IFS=$'\x1f'; printf '%s\n' "$STAGE"$'\x1f'"$name"$'\x1f'"$*") >>"$PLAN"
+    return 0
   fi
-  echo "== $name (limit ${limit}s): $*"
-  start=$SECONDS
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  if [[ -n $SKIP_REASON ]]; then not_run "$name" "$SKIP_REASON" "$@"; return 0; fi
+  local left=$((BUDGET - RESERVE - SECONDS)) need=$(((cap + 1) / 2))
+  if ((left < need)); then
+    not_run "$name" "time budget: ${left}s left in this call, the step may take up to ${cap}s: run '$STAGE:$name' in the next call" "$@"
+    return 0
+  fi
+  local limit=$((cap < left ? cap : left)) start=$SECONDS started rc
+  started=$(now)
+  echo "== $STAGE/$name (limit ${limit}s): $*"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$STAGE_DIR/$name.log" 2>&1
   rc=$?
-  tail -n 15 "$OUT/$name.log"
-  echo "== $name: exit $rc after $((SECONDS - start))s"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$*" >>"$OUT/steps.tsv"
+  tail -n 8 "$STAGE_DIR/$name.log" | sed 's/^/     /'
+  echo "== $STAGE/$name: exit $rc after $((SECONDS - start))s"
+  record "$name" "$rc" "$((SECONDS - start))" "$limit" "$cap" "$started" "" "$*"
+  return "$rc"
 }
 
+# ---- the stages ---------------------------------------------------------------------------------
+
+BACKEND_CHECK="import runpy, fastclip, fastclip._ops as o; runpy.run_module('fastclip.info', run_name='__main__'); \
+assert fastclip.backend() == 'cuda' and o.CUDA_BUILT, f'no CUDA kernels: backend {fastclip.backend()}, {o.LOAD_ERROR}'"
+
+stage_build() {
+  local export_args=()
+  [[ -n $EXPORT ]] && export_args=(--export "$EXPORT")
+  step build 300 "$PYTHON" bench/gpu_build_cache.py ensure "${export_args[@]}" || BUILD_FAILED=1
+  [[ -n $BUILD_FAILED ]] && SKIP_REASON="the build failed: see build/build.log in the results"
+  step backend 60 "$PYTHON" -c "$BACKEND_CHECK" || BUILD_FAILED=1
+}
+
+# pytest, with a traceback of every thread in the log when one test runs over 2 minutes (a hang:
+# the step's time-out would otherwise kill it without a word).
+pytest_step() {
+  local name=$1 cap=$2; shift 2
+  step "$name" "$cap" "$PYTHON" -m pytest -q -rs -p no:cacheprovider -o faulthandler_timeout=120 \
+    --junitxml="$STAGE_DIR/$name.junit.xml" "$@"
+}
+
+stage_cuda_tests() {
+  local files=(tests/test_cuda*.py)
+  pytest_step test_cuda 300 "${files[@]}"
+}
+
+stage_sanitize() {
+  local san
+  san=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  if [[ ! -x $san ]]; then
+    ((DRY_RUN)) && san=compute-sanitizer || SKIP_REASON="compute-sanitizer not found (on PATH, or $san)"
+  fi
+  # Torch's own probing calls, and the cooperative launch the kernels retry as the fallback when
+  # it is too large, fail by design: API errors are not reported. Memory, race and barrier errors
+  # in fastclip's kernels (only those are instrumented) set the exit status to 1.
+  local opts=(--error-exitcode 1 --report-api-errors no --kernel-name kns=fastclip --target-processes all)
+  local driver=("$PYTHON" bench/sanitize_driver.py)
+  # The grid cap keeps the cooperative launch small enough to fit even if instrumentation lowers
+  # occupancy, so the fused kernel itself is what gets checked; without the caching allocator each
+  # tensor is its own allocation, so memcheck sees an access past a tensor's end.
+  local fused=(env FASTCLIP_CUDA_MAX_GRID=64) nocache=PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  step memcheck 180 "${fused[@]}" "$nocache" "$san" --tool memcheck "${opts[@]}" "${driver[@]}" --big
+  step memcheck_fallback 150 env FASTCLIP_CUDA_NO_COOP=1 "$nocache" "$san" --tool memcheck "${opts[@]}" "${driver[@]}" --big
+  step racecheck 180 "${fused[@]}" "$san" --tool racecheck "${opts[@]}" "${driver[@]}"
+  step synccheck 120 "${fused[@]}" "$san" --tool synccheck "${opts[@]}" "${driver[@]}"
+}
+
+stage_bench() {
+  step bench_gpu 300 "$PYTHON" bench/bench_gpu.py --json "$STAGE_DIR/bench_gpu.json"
+  step bench_update_cuda 240 "$PYTHON" -m bench.bench_update --device cuda --no-progress \
+    --json "$STAGE_DIR/bench_update_cuda.json"
+}
+
+stage_trainers() {
+  if ((!DRY_RUN)) && ! "$PYTHON" -c "import gymnasium" 2>/dev/null; then
+    SKIP_REASON="gymnasium is not importable: carry its wheels (.whl, bench/README.md)"
+  fi
+  local algo
+  for algo in dqn a2c reinforce; do
+    step "$algo" 120 "$PYTHON" "examples/$algo.py" --device cuda --total-timesteps 3000 --eval-episodes 2 \
+      --no-progress --run-name "gpu-check-$algo" --summary-json "$STAGE_DIR/$algo-cuda.json"
+  done
+}
+
+stage_rest() {
+  local f ignore=()
+  for f in tests/test_cuda*.py; do ignore+=("--ignore=$f"); done
+  pytest_step tests_rest 300 tests "${ignore[@]}"
+}
+
+run_stage() {
+  STAGE=$1 STAGE_DIR=$RESULTS/$1 SKIP_REASON=""
+  mkdir -p "$STAGE_DIR"
+  [[ -n $BUILD_FAILED ]] && SKIP_REASON="the build stage failed in this call (see build/build.log, build/backend.log in the results)"
+  "stage_${STAGE//-/_}"
+  ((DRY_RUN)) || "$PYTHON" bench/gpu_summary.py stage "$STAGE_DIR"
+}
+
+# ---- the dry run's check of the machinery ---------------------------------------------------
+
+# Synthetic steps through step() and gpu_summary.py: each must be classified as expected, and the
+# exit status of the aggregate must count only the failures.
+selfcheck() {
+  local RESULTS=$1/selfcheck DRY_RUN=0 got want
+  run_synthetic() {
+    STAGE=synthetic STAGE_DIR=$RESULTS/synthetic SKIP_REASON=""
+    mkdir -p "$STAGE_DIR"
+    step passes 5 true
+    step fails 5 false
+    step hangs 1 sleep 30                                   # time-out: exit 124
+    BUDGET=$SECONDS RESERVE=0 step over_budget 60 true      # no time left: not run
+    step declares 5 echo "NOT RUN: a part: declared in the log"
+  } >/dev/null
+  run_synthetic
+  got=$("$PYTHON" bench/gpu_summary.py statuses "$STAGE_DIR" | sort)
+  want=$(printf '%s\n' "passes ok" "fails failed" "hangs failed" "over_budget not_run" "declares ok" \
+         "declares: a part not_run" | sort)
+  if [[ $got != "$want" ]]; then
+    printf 'selfcheck: classification wrong\n--- got\n%s\n--- want\n%s\n' "$got" "$want"
+    return 1
+  fi
+  if "$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect synthetic >/dev/null; then
+    echo "selfcheck: the aggregate of 2 failures exited 0"; return 1
+  fi
+  rm "$STAGE_DIR"/{fails,hangs}.step.tsv                  # ok and not-run rows alone: exit 0
+  if ! "$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect synthetic,never-ran >/dev/null; then
+    echo "selfcheck: steps that did not run were counted as failures"; return 1
+  fi
+  echo "selfcheck: ok (exit 0, exit 1, time-out, budget skip, declared NOT RUN classified right)"
+}
+
+if ((DRY_RUN)); then
+  if [[ -n $OUT_DIR ]]; then RESULTS=$OUT_DIR; else RESULTS=$(mktemp -d); trap 'rm -rf "$RESULTS"' EXIT; fi
+  mkdir -p "$RESULTS"
+  PLAN=$RESULTS/plan.txt
+  : >"$PLAN"
+  selfcheck "$RESULTS" || exit 1
+  for s in "${ordered[@]}"; do run_stage "$s"; done
+  "$PYTHON" bench/gpu_dry_run.py "$PLAN" --python "$PYTHON"
+  exit
+fi
+
+# ---- the real run -------------------------------------------------------------------------------
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -n1 | tr -c 'A-Za-z0-9\n' '-')
+RESULTS=${OUT_DIR:-bench/results/$(date -u +%Y-%m-%d)-${gpu:-unknown-gpu}}
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "command: $0 $*"
-  echo "git: $(git rev-parse HEAD 2>/dev/null || echo none) $(git status --porcelain 2>/dev/null | wc -l) files changed"
+  echo "command: $0 ${ordered[*]} (budget ${BUDGET}s)"
+  "$PYTHON" -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -n1)"
-  "$PYTHON" -c "import torch, platform; print('python:', platform.python_version()); print('torch:', torch.__version__, 'cuda:', torch.version.cuda)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  echo "compute-sanitizer: $(compute-sanitizer --version 2>/dev/null | tail -n1)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git (a copy of the working tree)')"
+  "$PYTHON" -c "import gymnasium; print('gymnasium', gymnasium.__version__)" 2>/dev/null || echo "gymnasium: absent"
+  echo
   nvidia-smi
-} >"$OUT/env.txt" 2>&1
-head -n 8 "$OUT/env.txt"
+} >"$RESULTS/env-$(date -u +%H%M%S).txt" 2>&1
+echo "== results in $RESULTS"
 
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+for s in "${ordered[@]}"; do run_stage "$s"; done
 
-step build 300 env FASTCLIP_FORCE_CUDA=1 "$PYTHON" setup.py build_ext --inplace
-step backend 60 "$PYTHON" -c "import fastclip, fastclip._ops as o; print(fastclip.backend()); assert fastclip.backend() == 'cuda', o.LOAD_ERROR"
-step test_cuda 200 "$PYTHON" -m pytest -q -rs tests/test_cuda.py
-
-cat >"$OUT/sanitize_driver.py" <<'EOF'
-"""Every CUDA kernel path once, small: run under compute-sanitizer by gpu_check.sh.
---big adds a set of > 4096 tiles (the two-barrier reduction)."""
-import math, sys
-import torch, fastclip
-
-torch.manual_seed(0)
-dev = "cuda"
-dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-sets = {
-    "mixed": [torch.randn(n, device=dev).to(dtypes[i % 4]) for i, n in enumerate([1, 7, 64, 8193, 40000, 3])],
-    "misaligned": [torch.randn(n + 5, device=dev).to(dt)[1 + i % 3:1 + i % 3 + n]
-                   for i, (dt, n) in enumerate([(torch.float16, 16390), (torch.float32, 8195), (torch.float64, 4099), (torch.bfloat16, 9)])],
-    "table": [torch.randn(i % 50 + 1, device=dev) for i in range(1100)],
-    "one_tile": [torch.randn(100, device=dev)],
-    "strided": [torch.randn(40, 60, device=dev)[:, ::3], torch.randn(30, 20, device=dev).t()],
-}
-if "--big" in sys.argv:
-    sets["big"] = [torch.randn(35_000_000, device=dev)]
-for name, grads in sets.items():
-    for p in (1.0, 2.0, math.inf, 3.0, 0.5):
-        torch.ops.fastclip.total_norm(grads, p)
-        torch.ops.fastclip.clip_grad_norm_([g.clone() for g in grads], 0.1, p)
-    torch.ops.fastclip.scale_(grads, torch.tensor(0.5, device=dev))
-    torch.ops.fastclip.scale_(grads, torch.tensor(1.0, dtype=torch.float64, device=dev))
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g
-    fastclip.clip_grad_norm_(params, 0.5)
-torch.cuda.synchronize()
-print("sanitize driver: ok")
-EOF
-
-SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-if [[ -x "$SAN" ]]; then
-  san=("$SAN" --error-exitcode 1 --target-processes all)
-  step memcheck 120 "${san[@]}" --tool memcheck "$PYTHON" "$OUT/sanitize_driver.py" --big
-  step memcheck_fallback 90 env FASTCLIP_CUDA_NO_COOP=1 "${san[@]}" --tool memcheck "$PYTHON" "$OUT/sanitize_driver.py"
-  step racecheck 120 "${san[@]}" --tool racecheck "$PYTHON" "$OUT/sanitize_driver.py"
-  step synccheck 90 "${san[@]}" --tool synccheck "$PYTHON" "$OUT/sanitize_driver.py"
-else
-  echo "compute-sanitizer not found (looked on PATH and at $SAN)" | tee "$OUT/memcheck.log"
-  printf '%s\t%s\t%s\t%s\n' compute-sanitizer missing 0 "$SAN" >>"$OUT/steps.tsv"
+expect=$(IFS=,; echo "${ordered[*]}")
+"$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect "$expect"
+status=$?
+if [[ -n $EXPORT ]]; then
+  mkdir -p "$EXPORT"
+  tar -czf "$EXPORT/gpu-check-$(date -u +%H%M%S).tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+  cp "$RESULTS/summary.txt" "$RESULTS/summary.json" "$EXPORT/"
+  echo "== exported to $EXPORT: $(ls "$EXPORT" | tr '\n' ' ')"
 fi
-
-step bench_gpu 240 "$PYTHON" bench/bench_gpu.py --json "$OUT/bench_gpu.json"
-cp "$OUT/bench_gpu.log" "$OUT/bench_gpu.txt" 2>/dev/null
-step bench_update_cuda 90 "$PYTHON" -m bench.bench_update --device cuda --quick --json "$OUT/bench_update_cuda.json"
-# The trainers need gymnasium, which the GPU image lacks: carry its wheels (and
-# farama-notifications, cloudpickle) as the device README describes.
-if "$PYTHON" -c "import gymnasium" 2>/dev/null; then
-  step trainers_cuda 90 bash -c "for a in dqn a2c reinforce; do \"$PYTHON\" examples/\$a.py --device cuda \
-    --total-timesteps 3000 --no-progress --summary-json \"$OUT/\$a-cuda.json\" || exit 1; done"
-else
-  echo "gymnasium not installed: trainers on --device cuda not run" | tee "$OUT/trainers_cuda.log"
-  printf '%s\t%s\t%s\t%s\n' trainers_cuda no-gymnasium 0 "examples/*.py --device cuda" >>"$OUT/steps.tsv"
-fi
-step test_rest 240 "$PYTHON" -m pytest -q -rs tests --ignore=tests/test_cuda.py
-
-"$PYTHON" - "$OUT" <<'EOF'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-steps = [dict(zip(("step", "exit", "seconds", "command"), line.split("\t", 3)))
-         for line in (out / "steps.tsv").read_text().splitlines()]
-ok = all(s["exit"] == "0" for s in steps)
-summary = {"ok": ok, "env": (out / "env.txt").read_text().splitlines()[:8], "steps": steps}
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-lines = [f"{s['step']:<20} exit {s['exit']:<8} {s['seconds']:>4}s  {s['command']}" for s in steps]
-(out / "summary.txt").write_text("\n".join(summary["env"] + [""] + lines + ["", "ALL PASSED" if ok else "FAILURES"]) + "\n")
-print((out / "summary.txt").read_text())
-sys.exit(0 if ok else 1)
-EOF
+exit "$status"
