@@ -72,13 +72,17 @@ FASTCLIP_HD double clip_coef(double max_norm, double norm) {
 // A coefficient applied to float/half grads as x * hi * lo, both normal floats,
 // so a coefficient below FLT_MIN (a float subnormal: few significant bits)
 // keeps its full precision. lo is 1 except in that rare case, and x * hi * 1 is
-// bitwise x * hi.
+// bitwise x * hi. With lo = 2^-126, hi = coef * 2^126 is normal down to
+// coef = 2^-252; below that x * coef < FLT_MAX * 2^-252 < 2^-124 is (nearly) a
+// float subnormal itself, so hi's own few bits are all the result can hold.
+// x * hi never overflows (hi < 1), and a product that would underflow there
+// is below 2^-252 once scaled: 0 in float either way.
 struct CoefFactors {
   float hi, lo;
 };
 FASTCLIP_HD CoefFactors coef_factors(double coef) {
-  constexpr double kFloatMin = 1.17549435082228750797e-38;  // FLT_MIN
-  if (coef > 0 && coef < kFloatMin) return {static_cast<float>(coef * 0x1p64), 0x1p-64f};
+  constexpr double kFloatMin = 1.17549435082228750797e-38;  // FLT_MIN = 2^-126
+  if (coef > 0 && coef < kFloatMin) return {static_cast<float>(coef * 0x1p126), 0x1p-126f};
   return {static_cast<float>(coef), 1.0f};
 }
 

@@ -52,32 +52,45 @@ inline at::ScalarType norm_dtype(at::TensorList grads, std::optional<at::ScalarT
 // kernel would scale it c or c^2 depending on timing). Dense grads that
 // overlap only in part have no sensible clip: an error. Non-dense grads may
 // interleave without sharing an element (g[::2], g[1::2]) and are let through.
-// Returns an empty vector when nothing repeats (the common case: one pass,
-// no sort, when the grads lie in ascending or descending address order).
+// Returns an empty vector when nothing repeats.
+//
+// Cost: grads can share memory only through a shared storage, and nearly every
+// grad owns its own. A counting pass over a hash of each storage's address
+// (a few ns per grad) finds the grads whose storage may be shared; only those
+// are sorted by address and compared, so thousands of grads need no sort.
 inline std::vector<bool> repeated_grads(at::TensorList grads, const char* op) {
+  int shift = 64 - 6;  // 2^(64 - shift) buckets: at least 16 per grad, so few collide by chance
+  while ((size_t{1} << (64 - shift)) < 16 * grads.size()) --shift;
+  const auto bucket = [shift](const at::Tensor& g) {  // Fibonacci hashing of the storage's address
+    const auto p = reinterpret_cast<uint64_t>(g.storage().unsafeGetStorageImpl());
+    return static_cast<size_t>((p * 0x9E3779B97F4A7C15ull) >> shift);
+  };
+  std::vector<uint8_t> seen(size_t{1} << (64 - shift), 0);  // 0, 1, or 2 = more than once
+  bool collided = false;
+  for (const at::Tensor& g : grads) {
+    if (g.numel() == 0) continue;
+    uint8_t& c = seen[bucket(g)];
+    collided |= c != 0;
+    c = c ? 2 : 1;
+  }
+  if (!collided) return {};
+
   struct Extent {
     uintptr_t begin, end;
     size_t index;
   };
-  std::vector<Extent> ext;
-  ext.reserve(grads.size());
+  std::vector<Extent> ext;  // the grads whose storage may be shared
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    if (g.numel() == 0) continue;
+    if (g.numel() == 0 || seen[bucket(g)] != 2) continue;
     int64_t last = 0;  // offset of the last element, in elements (torch strides are >= 0)
     for (int64_t d = 0; d < g.dim(); ++d) last += (g.size(d) - 1) * g.stride(d);
     const auto begin = reinterpret_cast<uintptr_t>(g.data_ptr());
     ext.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * g.element_size()), i});
   }
-  const auto by_begin = [](const Extent& a, const Extent& b) { return a.begin < b.begin; };
-  if (std::is_sorted(ext.begin(), ext.end(), by_begin)) {
-  } else if (std::is_sorted(ext.rbegin(), ext.rend(), by_begin)) {
-    std::reverse(ext.begin(), ext.end());
-  } else {
-    std::sort(ext.begin(), ext.end(), [](const Extent& a, const Extent& b) {
-      return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;
-    });
-  }
+  std::sort(ext.begin(), ext.end(), [](const Extent& a, const Extent& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;
+  });
   const auto dense = [&](const Extent& e) { return grads[e.index].is_non_overlapping_and_dense(); };
   std::vector<bool> repeated;
   const Extent* reach = nullptr;  // the extent that ends furthest so far
@@ -88,7 +101,7 @@ inline std::vector<bool> repeated_grads(at::TensorList grads, const char* op) {
       if (a.begin == b.begin && a.end == b.end && dense(a) && dense(b) &&
           grads[a.index].scalar_type() == grads[b.index].scalar_type()) {
         if (repeated.empty()) repeated.resize(grads.size(), false);
-        repeated[std::max(a.index, b.index)] = true;  // keep the first listed
+        repeated[b.index] = true;  // sorted by index among equal starts: keep the first listed
         continue;
       }
       TORCH_CHECK(!(dense(*reach) && dense(b)), "fastclip::", op, ": grads ", std::min(reach->index, b.index),
