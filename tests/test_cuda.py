@@ -1,7 +1,10 @@
-"""GPU tests of the CUDA backend (csrc/cuda): parity with torch.nn.utils for every
-dtype and norm type, graph capture and replay, misaligned views, thousands of
-tensors, int64 sizes, bitwise determinism across grid sizes and the fallback
-path, no deadlock beside a busy stream, opcheck. Skipped where no GPU is present.
+"""GPU tests of what is CUDA's own (csrc/cuda): the raw ops, graph capture and
+replay, misaligned views, thousands of tensors (the descriptor table), int64
+sizes, bitwise determinism across grid sizes and the fallback path, a refused
+cooperative launch, no deadlock beside a busy stream, opcheck, one launch per
+call. Parity with torch over dtypes and norm types, and the numerics edge cases,
+run on CUDA from test_parity.py and test_numerics.py (their `device` fixtures).
+Skipped where no GPU is present.
 """
 import math
 import os
@@ -18,10 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 import fastclip  # noqa: E402
 from fastclip import _ops  # noqa: E402
-from helpers import clone_params  # noqa: E402
+import helpers  # noqa: E402
+from helpers import assert_within_twice_torchs_error, clone_params, exact_norm, grads  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
-NORM_TYPES = [1.0, 2.0, math.inf, 3.0, 0.5]
 # A mix of sizes: scalars, biases, a tensor spanning many 32 KiB tiles with a
 # short last tile, and one a little over a tile.
 SHAPES = [(), (7,), (64,), (64, 4), (300, 257), (3, 5, 7), (8193,), (1,)]
@@ -34,53 +36,13 @@ def _cuda_kernels_built():
     assert _ops.CUDA_BUILT, f"fastclip was built without its CUDA kernels ({_ops.LOAD_ERROR})"
 
 
-def make_params(shapes, dtypes, device="cuda", seed=0, scale=1.0):
-    """Parameters whose .grad are random, with a different magnitude per tensor."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for i, shape in enumerate(shapes):
-        dtype = dtypes[i % len(dtypes)]
-        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale * (1 + i % 5)
-        p.grad = g.to(device=device, dtype=dtype)
-        params.append(p)
-    return params
-
-
-def ref_norm64(grads, norm_type):
-    """The exact answer: the p-norm of the grads computed in fp64."""
-    flat = torch.cat([g.detach().double().flatten().cpu() for g in grads])
-    return torch.linalg.vector_norm(flat, norm_type).item()
-
-
-def ulp_floor(dtype, magnitude):
-    """Rounding slack: 1 ulp for 16-bit results (their rounding dominates), 4 for fp32/fp64
-    (a few ulps of summation order, which may happen to favour torch on a given input)."""
-    ulps = 1 if torch.finfo(dtype).bits == 16 else 4
-    return ulps * torch.finfo(dtype).eps * abs(magnitude)
-
-
-def assert_matches_reference(params_in, fc_params, fc_norm, torch_params, torch_norm, max_norm, norm_type):
-    """fastclip's norm and clipped grads are no further from the fp64 truth than
-    twice torch's own error (plus ulp_floor of the result dtype)."""
-    grads_in = [p.grad for p in params_in]
-    norm64 = ref_norm64(grads_in, norm_type)
-    coef64 = min(max_norm / (norm64 + 1e-6), 1.0)
-    assert fc_norm.dtype == torch_norm.dtype and fc_norm.device == torch_norm.device
-    fc_err, torch_err = abs(fc_norm.item() - norm64), abs(torch_norm.item() - norm64)
-    assert fc_err <= 2 * torch_err + ulp_floor(fc_norm.dtype, norm64), (fc_norm.item(), torch_norm.item(), norm64)
-    for g_in, p_fc, p_t in zip(grads_in, fc_params, torch_params):
-        want = g_in.double() * coef64
-        fc_e = (p_fc.grad.double() - want).abs().max().item() if want.numel() else 0.0
-        t_e = (p_t.grad.double() - want).abs().max().item() if want.numel() else 0.0
-        floor = ulp_floor(g_in.dtype, want.abs().max().item() if want.numel() else 0.0)
-        assert fc_e <= 2 * t_e + floor, (g_in.dtype, fc_e, t_e)
+def make_params(shapes, dtypes, seed=0, scale=1.0):
+    return helpers.make_params(shapes, dtypes, scale=scale, seed=seed, device="cuda")
 
 
 def run_both(params, max_norm_factor, norm_type, **kw):
     """Clip clones with fastclip and with torch; max_norm = factor * true norm."""
-    norm64 = ref_norm64([p.grad for p in params], norm_type)
-    max_norm = max_norm_factor * norm64
+    max_norm = max_norm_factor * exact_norm(grads(params), norm_type)
     fc, tc = clone_params(params), clone_params(params)
     fc_norm = fastclip.clip_grad_norm_(fc, max_norm, norm_type=norm_type, **kw)
     torch_norm = torch.nn.utils.clip_grad_norm_(tc, max_norm, norm_type=norm_type, **kw)
@@ -92,57 +54,10 @@ def test_backend_is_cuda():
     assert fastclip.backend() == "cuda"
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=lambda p: f"p={p}")
-@pytest.mark.parametrize("dtypes", ["fp32", "fp64", "fp16", "bf16", "mixed"])
-def test_parity_with_torch(dtypes, norm_type):
-    dts = list(DTYPES.values()) if dtypes == "mixed" else [DTYPES[dtypes]]
-    params = make_params(SHAPES, dts, seed=10 * len(dtypes) + NORM_TYPES.index(norm_type))
-    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, norm_type, foreach=True)
-    assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, norm_type)
-    for p_in, p_fc in zip(params, fc):  # clipping really happened
-        if p_in.grad.abs().max() > 0.01:
-            assert not torch.equal(p_in.grad, p_fc.grad)
-
-
-def test_negative_control_detects_wrong_results():
-    """The comparison can fail: a 0.1% wrong coefficient or norm is caught."""
-    params = make_params(SHAPES, [torch.float32], seed=1)
-    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
-    for p in fc:
-        p.grad.mul_(1.001)
-    with pytest.raises(AssertionError):
-        assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
-    fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
-    with pytest.raises(AssertionError):
-        assert_matches_reference(params, fc, fc_norm * 1.001, tc, torch_norm, max_norm, 2.0)
-
-
-def test_no_clip_leaves_grads_bitwise_unchanged():
-    params = make_params(SHAPES, list(DTYPES.values()), seed=2)
-    fc, _, _, _, _ = run_both(params, 10.0, 2.0)
-    for p_in, p_fc in zip(params, fc):
-        assert torch.equal(p_in.grad, p_fc.grad)
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_like_torch(bad):
-    params = make_params(SHAPES, [torch.float32, torch.bfloat16], seed=3)
-    params[4].grad[17, 3] = bad
-    fc, fc_norm, tc, torch_norm, _ = run_both(params, 0.5, 2.0)
-    assert torch.equal(fc_norm.isnan(), torch_norm.isnan()) and torch.equal(fc_norm.isinf(), torch_norm.isinf())
-    for p_fc, p_t in zip(fc, tc):
-        torch.testing.assert_close(p_fc.grad, p_t.grad, equal_nan=True, rtol=1e-2, atol=1e-3)
-    snapshot = clone_params(params)
-    with pytest.raises(RuntimeError):
-        fastclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
-    for p, s in zip(params, snapshot):
-        assert torch.equal(p.grad.isnan(), s.grad.isnan()) and torch.equal(p.grad.nan_to_num(), s.grad.nan_to_num())
-
-
 def test_raw_ops():
     params = make_params(SHAPES, [torch.float32, torch.float16], seed=4)
     grads = [p.grad for p in params]
-    norm64 = ref_norm64(grads, 2.0)
+    norm64 = exact_norm(grads, 2.0)
 
     norm = torch.ops.fastclip.total_norm(grads, 2.0)
     assert norm.dtype == torch.float32 and norm.dim() == 0 and norm.is_cuda
@@ -186,10 +101,10 @@ def test_misaligned_views_and_layouts():
     s.grad = parent[:, ::2]  # not dense: copied, then written back
     params += [t, s]
     before, want = clone_params(params), clone_params(params)
-    max_norm = 0.25 * ref_norm64([p.grad for p in params], 2.0)
+    max_norm = 0.25 * exact_norm([p.grad for p in params], 2.0)
     fc_norm = fastclip.clip_grad_norm_(params, max_norm)
     torch_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
-    assert_matches_reference(before, params, fc_norm, want, torch_norm, max_norm, 2.0)
+    assert_within_twice_torchs_error(before, params, fc_norm, want, torch_norm, max_norm, 2.0)
     for base, base0, off, n in bases:
         assert torch.equal(base[:off], base0[:off]) and torch.equal(base[off + n:], base0[off + n:])
     assert torch.equal(parent[:, 1::2], parent_before[:, 1::2])
@@ -202,14 +117,14 @@ def test_many_tensors(n):
     shapes = [(int(torch.randint(1, 300, (1,), generator=gen)),) for _ in range(n)]
     params = make_params(shapes, [torch.float32, torch.bfloat16], seed=n)
     fc, fc_norm, tc, torch_norm, max_norm = run_both(params, 0.3, 2.0)
-    assert_matches_reference(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
+    assert_within_twice_torchs_error(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
 
 
 @pytest.mark.parametrize("n_tensors", [6, 1500])
 def test_graph_capture_and_replay(n_tensors):
     shapes = SHAPES if n_tensors == 6 else [(i % 97 + 1,) for i in range(n_tensors)]
     params = make_params(shapes[:n_tensors], [torch.float32, torch.float16], seed=5)
-    max_norm = 0.3 * ref_norm64([p.grad for p in params], 2.0)
+    max_norm = 0.3 * exact_norm([p.grad for p in params], 2.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside capture, as torch requires
@@ -226,7 +141,7 @@ def test_graph_capture_and_replay(n_tensors):
         want_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
         graph.replay()
         torch.cuda.synchronize()
-        assert_matches_reference(fresh, params, out_norm, want, want_norm, max_norm, 2.0)
+        assert_within_twice_torchs_error(fresh, params, out_norm, want, want_norm, max_norm, 2.0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
