@@ -22,8 +22,8 @@ import tempfile
 import torch
 from torch.utils import cpp_extension
 
-from .bench_cpu import CASES, DTYPES, GradSet, _stats, environment_info, time_interleaved
-from .common import fmt_us, print_aligned
+from .bench_cpu import CASES, DTYPES, GradSet
+from .common import environment_info, fmt_us, print_aligned, stats, time_interleaved
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = pathlib.Path(os.environ.get("FASTCLIP_AB_CACHE", pathlib.Path.home() / ".cache" / "fastclip-ab"))
@@ -94,7 +94,7 @@ def main(argv=None):
                 for name, op in ops.items()
             }
             samples, repeats, _ = time_interleaved(methods, warm_s=0.5, budget_s=args.budget_s, rmin=15, rmax=20000)
-            st = {name: _stats(xs) for name, xs in samples.items()}
+            st = {name: stats(xs) for name, xs in samples.items()}
             ratio = st["after"]["median_us"] / st["before"]["median_us"]
             rows.append({"case": case, "description": desc, "dtype": d, "repeats": repeats,
                          "before": st["before"], "after": st["after"], "after_over_before": ratio})

@@ -33,9 +33,7 @@ import argparse
 import datetime as _dt
 import json
 import math
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,35 +43,19 @@ if not __package__:
 
 import torch  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    command_line, environment_info, fmt_us, gpt2_small_shapes, mlp_shapes, nature_cnn_shapes, one_billion_shapes,
+    stats)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _mlp():  # CartPole MLP 4-64-64-2: 6 tensors, 4,610 elements
-    return [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]
-
-
-def _nature_cnn():  # Nature DQN, 4x84x84 input, 6 actions: 10 tensors, 1,687,206 elements
-    return [(32, 4, 8, 8), (32,), (64, 32, 4, 4), (64,), (64, 64, 3, 3), (64,),
-            (512, 3136), (512,), (6, 512), (6,)]
-
-
-def _gpt2_small():  # HF GPT-2 small parameter shapes: 148 tensors, 124,439,808 elements
-    layer = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),  # ln_1, attn
-             (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]  # ln_2, mlp
-    return [(50257, 768), (1024, 768)] + layer * 12 + [(768,), (768,)]
-
-
-def _one_billion():  # 20 decoder layers of d=2048 (qkv, out, up, down, 2 norms): 1,006,714,880
-    layer = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (2048,), (2048,)]
-    return layer * 20
 
 
 # name -> (description, shapes, repeats full, repeats quick, issue #3 target speed-up vs torch)
 CASES = {
-    "mlp": ("RL MLP 4-64-64-2", _mlp, 300, 60, 5.0),
-    "cnn": ("Nature DQN CNN", _nature_cnn, 200, 40, None),
-    "gpt2": ("GPT-2 small", _gpt2_small, 40, 10, None),
-    "1b": ("~1B elements", _one_billion, 12, 5, None),
+    "mlp": ("RL MLP 4-64-64-2", mlp_shapes, 300, 60, 5.0),
+    "cnn": ("Nature DQN CNN", nature_cnn_shapes, 200, 40, None),
+    "gpt2": ("GPT-2 small", gpt2_small_shapes, 40, 10, None),
+    "1b": ("~1B elements", one_billion_shapes, 12, 5, None),
 }
 IMPLS = ["fastclip", "torch", "torch-graph", "fastclip-graph", "copy"]
 
@@ -186,11 +168,6 @@ def copy_bandwidth(flush, repeats=20):
     return 2 * n / (us * 1e-6) / 1e9
 
 
-def stats(xs):
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median_us": statistics.median(xs), "p25_us": q[0], "p75_us": q[2], "min_us": min(xs)}
-
-
 def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps):
     desc, shapes, reps_full, reps_quick, target = CASES[name]
     gs = GradSet(shapes(), DTYPES[dtype_name])
@@ -221,26 +198,6 @@ def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps):
         launches={k: dict(zip(("kernels", "memcpy_memset"), launches_per_call(calls[k]))) for k in IMPLS[:4]},
     )
     return row
-
-
-def environment(fastclip):
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        driver = None
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": props.name, "sm_count": props.multi_processor_count,
-        "l2_bytes": props.L2_cache_size, "memory_bytes": props.total_memory,
-        "driver": driver, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "fastclip_backend": fastclip.backend(), "command": shlex.join(["python"] + sys.argv),
-    }
-
-
-def fmt_us(x):
-    return f"{x / 1e3:.2f}ms" if x >= 1e4 else f"{x:.1f}"
 
 
 def targets(rows):
@@ -295,8 +252,9 @@ def main(argv=None):
     if fastclip.backend() != "cuda":
         print(f"WARNING: fastclip.backend() is {fastclip.backend()!r}: not timing the CUDA kernels",
               file=sys.stderr)
-    env = environment(fastclip)
-    scratch = torch.empty(2 * env["l2_bytes"], dtype=torch.uint8, device="cuda")
+    env = environment_info(fastclip)
+    env["command"] = command_line(__spec__)
+    scratch = torch.empty(2 * env["gpu"]["l2_bytes"], dtype=torch.uint8, device="cuda")
     flush = scratch.zero_
     copy_gbps = copy_bandwidth(flush)
     rows = []

@@ -49,8 +49,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.distributions import Categorical  # noqa: E402
 
-from bench.bench_cpu import (  # noqa: E402
-    NOISY_CORES, OtherLoad, _backend, command_line, environment_info, import_fastclip, warn_backend)
+from bench.common import (  # noqa: E402
+    NOISY_CORES, OtherLoad, backend_of, command_line, environment_info, import_fastclip, warn_backend)
 from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
 
 try:
@@ -349,7 +349,7 @@ def main(argv=None):
     env = environment_info(fastclip)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    print(f"fastclip {env['fastclip']['version'] or ''} backend={_backend(fastclip)} | "
+    print(f"fastclip {env['fastclip']['version'] or ''} backend={backend_of(fastclip)} | "
           f"torch {env['torch']} | device={device}"
           f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''} | {env['cpu']['model']} | "
           f"threads={torch.get_num_threads()}")
