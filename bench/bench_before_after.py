@@ -80,8 +80,12 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of fp32,bf16")
     ap.add_argument("--budget-s", type=float, default=4.0, help="timed seconds per case")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default); "
+                    "1 compares the kernels' own cost, free of thread scheduling on a busy machine")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ops = {"before": build(args.before, "fastclip_before"), "after": build(args.after, "fastclip_after")}
     rows = []
@@ -106,7 +110,8 @@ def main(argv=None):
     print_aligned(["case", "dtype", "before µs", "after µs", "after/before", "repeats"], table, 2, sys.stdout)
     if args.json:
         out = {"command": "python -m bench.bench_before_after " + " ".join(argv or sys.argv[1:]),
-               "before": args.before, "after": args.after, "env": environment_info(), "rows": rows}
+               "before": args.before, "after": args.after, "threads": torch.get_num_threads(),
+               "env": environment_info(), "rows": rows}
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
