@@ -64,7 +64,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------
 
 
-# name -> (description, shapes fn, issue #2 target speed-up over the best torch variant)
+# name -> (description, shapes fn, target speed-up over the best torch variant)
 CASES = {
     "mlp": ("MLP 4-64-64-2", mlp_shapes, 10.0),
     "cnn": ("Nature DQN CNN", nature_cnn_shapes, 1.5),

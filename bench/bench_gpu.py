@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# name -> (description, shapes, repeats full, repeats quick, issue #3 target speed-up vs torch)
+# name -> (description, shapes, repeats full, repeats quick, target speed-up vs torch)
 CASES = {
     "mlp": ("RL MLP 4-64-64-2", mlp_shapes, 300, 60, 5.0),
     "cnn": ("Nature DQN CNN", nature_cnn_shapes, 200, 40, None),

@@ -110,12 +110,14 @@ def _group_by_device(grads):
     return groups
 
 
-def _kernels_take(grads, device):
+def _scale_is_fused(grads, device):
+    """Whether the fused ops take these grads (device with kernels, fused dtypes)."""
     return _ops.has_kernels(device.type) and all(g.dtype in _FUSED_DTYPES for g in grads)
 
 
-def _fused_ok(grads, device, norm_type):
-    return norm_type > 0 and _kernels_take(grads, device)
+def _norm_is_fused(grads, device, norm_type):
+    """Whether the fused norm applies too: it takes p > 0 and inf only."""
+    return norm_type > 0 and _scale_is_fused(grads, device)
 
 
 # ---- the two halves, per device group ----------------------------------------
@@ -125,7 +127,7 @@ def _device_norms(groups, norm_type):
     """One accurate float64 norm per device group (a norm above FLT_MAX stays finite)."""
     norms = []
     for device, gs in groups.items():
-        fused = _fused_ok(gs, device, norm_type)
+        fused = _norm_is_fused(gs, device, norm_type)
         total_norm = _ops.total_norm if fused else _reference.total_norm
         norms.append(total_norm(gs, norm_type, torch.float64))
     return norms
@@ -140,7 +142,7 @@ def _combine_norms(norms, norm_type, device):
 def _scale_groups(groups, coef):
     for device, gs in groups.items():
         c = coef.to(device, non_blocking=True)
-        if _kernels_take(gs, device):
+        if _scale_is_fused(gs, device):
             _ops.scale_(gs, c)
         else:
             _reference.scale_(gs, c)
@@ -237,7 +239,7 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         groups = _group_by_device(grads)
         if len(groups) == 1 and not error_if_nonfinite:
             (device, gs), = groups.items()
-            if _fused_ok(gs, device, norm_type):
+            if _norm_is_fused(gs, device, norm_type):
                 return _ops.clip_grad_norm_(gs, max_norm, norm_type, dtype)
         # Norm first (the check sees it before any grad is touched), then scale.
         norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)

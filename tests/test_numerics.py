@@ -65,7 +65,7 @@ def assert_clipped_like_oracle(after, before, max_norm, norm_type=2.0):
         assert bool((err <= allowed).all()), (g.dtype, float(err.max()), float((err - allowed).max()))
 
 
-# ---- the issue's repros -------------------------------------------------------
+# ---- exploding-gradient repros ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -174,7 +174,7 @@ def test_clip_grads_with_norm_keeps_a_float64_norm(device):
     assert float(p.grad[1]) == pytest.approx(float(want[1]), rel=1e-3)  # an fp32 subnormal: few bits
 
 
-# ---- the same memory listed twice (issue 8, item 7) -----------------------------
+# ---- the same memory listed twice ------------------------------------------------
 
 
 def test_a_grad_listed_twice_is_counted_and_scaled_once(device):

@@ -2,7 +2,7 @@
 // space cut into fixed-size chunks (kChunkElems, never crossing a tensor), the
 // vectorised per-chunk partial of |g|^p, and the in-place scale of a run.
 // Used by clip_cpu.cpp and by every other CPU op that walks grads the same way,
-// so they all share the accumulation and determinism rules (DESIGN.md §3).
+// so they all share the accumulation and determinism rules.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // fastclip's CUDA kernels: global gradient norm and in-place clipping in one
-// cooperative launch (DESIGN.md §4). Only CUDA headers here; the glue in
+// cooperative launch. Only CUDA headers here; the glue in
 // clip_cuda.cpp turns tensors into TensorDesc and picks the stream.
 //
 // Fused kernel, one block per co-resident slot (at most kMaxBlocksPerSM/SM):
@@ -48,8 +48,8 @@ constexpr int64_t kTileBytes = int64_t{kThreads} * kVecsPerThread * 16;  // 32 K
 // thread (ptxas -v, sm_90, no spills), 40K of its 64K registers, so kernels on
 // other streams (NCCL, the next layer's backward) keep running beside us; two
 // blocks would not fit. Its 32 KiB of loads in flight per SM is about what
-// HBM's latency x bandwidth asks (~15 KB per SM on an H100). Not yet measured
-// on a GPU (issue 7): choose by measurement there.
+// HBM's latency x bandwidth asks (~15 KB per SM on an H100). Not measured
+// on a GPU: choose by measurement there (bench/gpu_check.sh).
 constexpr int kMaxBlocksPerSM = 1;
 // Up to this many partials, each block re-reduces them (<= 32 KiB from L2)
 // rather than waiting at a second grid barrier.
