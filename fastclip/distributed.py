@@ -115,18 +115,22 @@ def _full_replicas_on_partial_dims(g):
     return g.redistribute(g.device_mesh, placements)
 
 
-def _counted_local(g):
-    """The local shard of DTensor `g` if this rank counts it, else None: a
-    shard replicated over some mesh dims is counted at coordinate 0 there."""
-    coordinate = g.device_mesh.get_coordinate()
-    if coordinate is None:  # this rank is not in the mesh
-        return None
-    if any(p.is_partial() for p in g.placements):
+_counts_here = {}  # (mesh, placements) -> whether this rank counts such a shard
+
+
+def _counted_local(g, local):
+    """The values of DTensor `g` (local shard `local`) that this rank counts, or
+    None: a shard replicated over some mesh dims is counted at coordinate 0 there."""
+    placements = g.placements
+    if any(p.is_partial() for p in placements):
         g = _full_replicas_on_partial_dims(g)
-    for c, p in zip(coordinate, g.placements):
-        if p.is_replicate() and c != 0:
-            return None
-    return g.to_local()
+        placements, local = g.placements, g.to_local()
+    key = (g.device_mesh, placements)
+    counts = _counts_here.get(key)
+    if counts is None:
+        coordinate = g.device_mesh.get_coordinate()
+        counts = _counts_here[key] = all(c == 0 for c, p in zip(coordinate, placements) if p.is_replicate())
+    return local if counts else None
 
 
 class _Plan:
@@ -153,8 +157,9 @@ class _Plan:
                 return
             counted = self.join(_mesh_reduction(mesh))
             if grad is not None:
-                self.locals.append(grad.to_local())
-                local = _counted_local(grad)
+                local = grad.to_local()
+                self.locals.append(local)
+                local = _counted_local(grad, local)
                 if local is not None:
                     counted.append(local)
         elif group is not None:
