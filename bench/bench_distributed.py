@@ -13,6 +13,7 @@ interleaved (the order rotates every repeat), it times one call each of
   fastclip   fastclip.clip_grad_norm_(params, max_norm)        (fused local pass + one all-reduce)
   torch      torch.nn.utils.clip_grad_norm_(params, max_norm)  (foreach; DTensor dispatch + collectives)
   (local)    fastclip on the local shards as plain tensors: the fused pass alone, no all-reduce
+  (probe)    dist.all_reduce of one fp64 number: the collective's latency floor
 
 with the grads restored from a saved copy and all ranks lined up by a barrier
 before each call (both untimed). A call lasts until its slowest rank returns, so
@@ -67,7 +68,8 @@ def sharded_grads(shapes, dtype, mesh, seed):
 
 
 def restore(params, saved):
-    torch._foreach_copy_([p.grad.to_local() for p in params], saved)
+    if params:
+        torch._foreach_copy_([p.grad.to_local() for p in params], saved)
 
 
 def fp64_norm(saved):
@@ -118,9 +120,12 @@ def time_case(fastclip, params, saved, max_norm, repeats, warm):
         # The local shards as plain tensors: the fused pass alone, no collective (a wrong
         # norm, timed only to show what the all-reduce and the DTensor handling add).
         "fastclip_local": lambda: fastclip.clip_grad_norm_(local, max_norm),
+        # One all-reduce of one fp64 number: the latency floor of any distributed clip here.
+        "all_reduce": lambda: dist.all_reduce(scalar),
     }
-    params = dict(params, fastclip_local=params["fastclip"])
-    saved = dict(saved, fastclip_local=saved["fastclip"])
+    scalar = torch.zeros(1, dtype=torch.float64)
+    params = dict(params, fastclip_local=params["fastclip"], all_reduce=[])
+    saved = dict(saved, fastclip_local=saved["fastclip"], all_reduce=[])
     names = list(methods)
     clock = time.perf_counter_ns
 
@@ -198,19 +203,21 @@ def worker(rank, world, store, args):
 
 
 def report(rows, world, args, fastclip):
-    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "speed-up", "local pass us"]
+    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "speed-up", "local pass us",
+           "all_reduce us"]
     table = []
     for r in rows:
         if r.get("error"):
-            table.append([r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}", "MISMATCH", "-", "-", "-"])
+            table.append([r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}", "MISMATCH", "-", "-", "-", "-"])
             continue
         t = r["times"]
         table.append([r["case"] + ("*" if r["noisy"] else ""), r["dtype"], str(r["tensors"]), f"{r['numel']:,}",
                       fmt_us(t["fastclip"]["median_us"]), fmt_us(t["torch"]["median_us"]), f"{r['speedup']:.2f}x",
-                      fmt_us(t["fastclip_local"]["median_us"])])
+                      fmt_us(t["fastclip_local"]["median_us"]), fmt_us(t["all_reduce"]["median_us"])])
     print(f"\nFSDP2, {world} ranks, gloo, CPU, 1 thread per rank; median over {args.repeats} repeats "
           "of the slowest rank's time per call;\n'local pass' = fastclip on the local shards alone, "
-          "no all-reduce (not a valid clip: what the collective and the DTensor handling add)")
+          "no all-reduce (not a valid clip: what the collective and the DTensor handling add);\n"
+          "'all_reduce' = one all-reduce of one fp64 number, the latency floor of the collective")
     print_aligned(hdr, table, left_cols=2, file=sys.stdout)
     for r in rows:
         if r.get("error"):

@@ -187,8 +187,10 @@ def _plan(pairs, group):
 
 def _partial(tensors, norm_type, device):
     """fp64 sum of |g|^p (max |g| for inf) over `tensors`, from the fused
-    per-device norms: norm**p in fp64 cannot overflow for p <= 8 (an fp32
-    norm is < 2^128, its 8th power < 2^1024) nor lose an fp32 norm to underflow."""
+    per-device norms (accurate, fp32 or fp64) raised to the p-th power in fp64:
+    for any fp32 norm (< 2^128) that stays in fp64's range up to p = 7; the
+    rounding of the fp32 norm costs p * 2^-24 relative, far below the fp32
+    rounding of the result."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64, device=device)
     norms = _clip._device_norms(_clip._group_by_device(tensors), norm_type)
