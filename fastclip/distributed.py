@@ -46,10 +46,14 @@ def dtensor_type():
     return None if module is None else module.DTensor
 
 
-def any_dtensor(tensors):
-    """Whether any of `tensors` (parameters or grads) is a DTensor."""
-    dtensor = dtensor_type()
-    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+def any_dtensor(tensors, _modules=sys.modules):
+    """Whether any of `tensors` (parameters or grads) is a DTensor. On the
+    single-process hot path: one dict lookup while DTensor is not imported."""
+    module = _modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    dtensor = module.DTensor
+    return any(isinstance(t, dtensor) for t in tensors)
 
 
 def _check_group(group, fn):
