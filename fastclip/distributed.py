@@ -88,22 +88,21 @@ def _device_of(group=None, mesh=None):
     return torch.device(device_type, module.current_device())
 
 
-_mesh_plans = {}  # DeviceMesh -> (ranks, process groups, device); meshes live as long as the model
+_mesh_ranks = {}  # DeviceMesh -> its sorted global ranks (the layout only: no process group kept)
 
 
 def _mesh_reduction(mesh):
     """(ranks, groups, device) of an all-reduce over every rank of `mesh`."""
-    plan = _mesh_plans.get(mesh)
-    if plan is None:
-        ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
-        if mesh.ndim == 1:
-            groups = [mesh.get_group(0)]
-        elif len(ranks) == dist.get_world_size():
-            groups = [dist.group.WORLD]
-        else:  # a sub-mesh of N dims: summing over each dim in turn sums over all its ranks
-            groups = [mesh.get_group(d) for d in range(mesh.ndim)]
-        plan = _mesh_plans[mesh] = (ranks, groups, _device_of(mesh=mesh))
-    return plan
+    ranks = _mesh_ranks.get(mesh)
+    if ranks is None:
+        ranks = _mesh_ranks[mesh] = tuple(sorted(mesh.mesh.flatten().tolist()))
+    if mesh.ndim == 1:
+        groups = [mesh.get_group(0)]
+    elif len(ranks) == dist.get_world_size():
+        groups = [dist.group.WORLD]
+    else:  # a sub-mesh of N dims: summing over each dim in turn sums over all its ranks
+        groups = [mesh.get_group(d) for d in range(mesh.ndim)]
+    return ranks, groups, _device_of(mesh=mesh)
 
 
 def _group_reduction(group):
@@ -145,6 +144,7 @@ class _Plan:
         self.own = []  # plain grads without group: counted here, no collective
         self.locals = []  # every local tensor (to check and to scale)
         self.meshes = []  # distinct meshes of the DTensors seen
+        self.mesh_counted = {}  # mesh -> the counted list of its reduction, None off the mesh
 
     def join(self, reduction):
         ranks, groups, device = reduction
@@ -155,11 +155,13 @@ class _Plan:
         dtensor = dtensor_type()
         if dtensor is not None and isinstance(param, dtensor):
             mesh = param.device_mesh
-            if mesh not in self.meshes:
+            if mesh not in self.mesh_counted:
                 self.meshes.append(mesh)
-            if mesh.get_coordinate() is None:
+                in_mesh = mesh.get_coordinate() is not None  # if not, nothing to count or join
+                self.mesh_counted[mesh] = self.join(_mesh_reduction(mesh)) if in_mesh else None
+            counted = self.mesh_counted[mesh]
+            if counted is None:
                 return
-            counted = self.join(_mesh_reduction(mesh))
             if grad is not None:
                 local = grad.to_local()
                 self.locals.append(local)
