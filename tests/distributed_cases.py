@@ -86,7 +86,7 @@ def assert_grads_close(ours_params, theirs_params):
 
 def same_on_every_rank(t):
     """t (a local tensor) is bitwise equal on every rank."""
-    t = t.detach().cpu().contiguous()
+    t = t.detach().contiguous()  # on its device: NCCL takes only CUDA tensors
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, t)
     return all(torch.equal(g, t) for g in gathered)
@@ -170,7 +170,7 @@ def fsdp2_matches_torch(ctx):
             assert full(n_ours) > 0.5  # it really clipped
             assert_grads_close(ours, theirs)
             assert same_on_every_rank(n_ours.to_local())
-    empties = torch.tensor([empty])
+    empties = torch.tensor([empty], device=ctx.device)
     dist.all_reduce(empties)
     assert empties.item() > 0 or ctx.world == 1, "the model should leave some rank an empty shard"
 
