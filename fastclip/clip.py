@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from . import _ops, _reference
+from . import distributed as _distributed  # [distributed] DTensor grads and group=
 
 _compiling = torch.compiler.is_compiling
 
@@ -161,18 +162,22 @@ def _raise_if_nonfinite(norm, norm_type, dtype):
 # ---- public API ----------------------------------------------------------------
 
 
-def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
     """torch.nn.utils.get_total_norm: the norm of all `tensors` seen as one vector.
 
     Accumulated in float32 (float64 for float64 tensors), returned in the
     tensors' (promoted) dtype on the first tensor's device. `foreach` is
-    accepted for compatibility; fastclip is always fused.
+    accepted for compatibility; fastclip is always fused. DTensors, and
+    plain tensors that are disjoint shards over the ProcessGroup `group`, give
+    the global norm (one all-reduce; every rank calls): fastclip/distributed.py.
     """
     fn = "get_total_norm"
     tensors = _as_list(tensors, fn, "tensors")
     for i, t in enumerate(tensors):
         _check_tensor(t, i, fn, "tensors")
     norm_type = _check_norm_type(norm_type, fn)
+    if group is not None or _distributed.any_dtensor(tensors):  # [distributed]
+        return _distributed.get_total_norm(tensors, norm_type, error_if_nonfinite, group, fn)
     if not tensors:
         return torch.tensor(0.0)
     _check_grads(tensors, fn)
@@ -192,6 +197,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         total_norm = torch.tensor(float(total_norm))
     if not grads:
         return
+    grads = _distributed.local_shards(grads, fn)  # [distributed] DTensor grads: scale local shards
+    total_norm = _distributed.local_norm(total_norm)  # [distributed] a DTensor norm: its value
     _check_grads(grads, fn)
     with torch.no_grad():
         # In float64 whatever total_norm's dtype, as the fused ops do: a float64
@@ -200,7 +207,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         _scale_groups(_group_by_device(grads), coef)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
     """Clip the gradient norm of `parameters` in place; drop-in for torch.nn.utils.clip_grad_norm_.
 
     The norm over all grads (as one vector) is computed and the grads scaled by
@@ -210,6 +217,11 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     fp16/bf16 norms are accumulated in float32, so the coefficient is accurate
     even where a half-precision norm would overflow. `foreach` is accepted for
     compatibility; fastclip is always fused.
+
+    Distributed (fastclip/distributed.py): DTensor grads (FSDP2, tensor
+    parallel) and plain grads that are disjoint shards over the ProcessGroup
+    `group` are clipped by their global norm, one all-reduce per set of ranks;
+    every rank must call, even one with no grads.
     """
     fn = "clip_grad_norm_"
     if isinstance(parameters, torch.Tensor):
@@ -220,6 +232,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
     max_norm = _check_max_norm(max_norm, fn)
     norm_type = _check_norm_type(norm_type, fn)
+    if group is not None or _distributed.any_dtensor(params):  # [distributed]
+        return _distributed.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, group, fn)
     if _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not _compiling():
         # The eager hot path: grads read, checked and clipped in C++ (csrc/py_module.cpp).
         norm = _ops.clip_params(params, max_norm, norm_type)
@@ -259,6 +273,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     clip_value = _check_max_norm(clip_value, fn, "clip_value")
     if not grads:
         return
+    grads = _distributed.local_shards(grads, fn, linear=False)  # [distributed] clamp local shards
     _check_grads(grads, fn)
     if any(g.is_complex() for g in grads):
         raise TypeError(f"fastclip.{fn}: complex gradients have no order, so they cannot be clamped")

@@ -20,11 +20,14 @@ needs_extension = pytest.mark.skipif(fastclip.backend() == "python", reason="ext
     "name", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 )
 def test_signatures_match_torch(name):
-    ours = inspect.signature(getattr(fastclip, name))
-    theirs = inspect.signature(getattr(torch.nn.utils, name))
-    assert list(ours.parameters) == list(theirs.parameters)
-    for a, b in zip(ours.parameters.values(), theirs.parameters.values()):
+    ours = list(inspect.signature(getattr(fastclip, name)).parameters.values())
+    theirs = list(inspect.signature(getattr(torch.nn.utils, name)).parameters.values())
+    # torch's parameters, in order; then only keyword-only extras with a default (group=)
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+    for a, b in zip(ours, theirs):
         assert a.default == b.default and a.kind == b.kind
+    for extra in ours[len(theirs):]:
+        assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default is not inspect.Parameter.empty
 
 
 def test_clip_is_an_alias_and_keywords_work():
