@@ -232,13 +232,15 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
     max_norm = _check_max_norm(max_norm, fn)
     norm_type = _check_norm_type(norm_type, fn)
-    if group is not None or _distributed.any_dtensor(params):  # [distributed]
-        return _distributed.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, group, fn)
-    if _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not _compiling():
-        # The eager hot path: grads read, checked and clipped in C++ (csrc/py_module.cpp).
+    eager = _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not _compiling()
+    if eager and group is None:
+        # The eager hot path: grads read, checked and clipped in C++ (csrc/py_module.cpp). It
+        # declines (None) DTensor grads, which dispatch to Python, so they cost it nothing.
         norm = _ops.clip_params(params, max_norm, norm_type)
         if norm is not None:
             return norm
+    if group is not None or _distributed.any_dtensor(params):  # [distributed]
+        return _distributed.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, group, fn)
     return _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
 
 

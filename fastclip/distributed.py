@@ -255,16 +255,16 @@ def _as_torch_returns(norm, plan):
 
 def _norm_and_plan(pairs, norm_type, error_if_nonfinite, group, fn):
     """Checks (before any collective or write), then the accurate global norm
-    (fp32, fp64 if any local grad is fp64) and the plan."""
+    (fp64, so a norm above FLT_MAX stays finite, as on one process) and the plan."""
     _check_group(group, fn)
     _check_norm_type(norm_type, fn)
     pairs = list(pairs)
     _clip._check_grads(local_shards([g for _, g in pairs if g is not None], fn), fn)
     plan = _plan(pairs, group)
     device = _result_device(plan)
-    norm = _global_norm(plan, norm_type, device).to(_reference.accumulate_dtype(plan.locals))
-    if error_if_nonfinite:
-        _clip._raise_if_nonfinite(norm, norm_type)  # the same value on every rank: all raise
+    norm = _global_norm(plan, norm_type, device)
+    if error_if_nonfinite:  # the same value on every rank: all raise
+        _clip._raise_if_nonfinite(norm, norm_type, _returned_dtype(plan))
     return norm, plan
 
 
