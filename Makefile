@@ -1,7 +1,11 @@
-# The two commands a newcomer needs; each sets itself up (scripts/bootstrap.sh).
+# The two commands a newcomer needs; each sets itself up (scripts/bootstrap.sh),
+# which builds the extension only when a source, a build flag or torch changed.
 #   make bench   microbenchmarks against torch, then a short trainer run
 #   make test    build, tests, and nvcc compile-check of the CUDA kernels
 PY := .venv/bin/python
+# Quick benchmark results are not measurements to commit: they go under runs/
+# (ignored), not bench/results/.
+QUICK := runs/bench
 
 .PHONY: setup test bench clean
 
@@ -13,8 +17,8 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m bench.bench_cpu --quick
-	$(PY) -m bench.bench_update --quick
+	$(PY) -m bench.bench_cpu --quick --json $(QUICK)/cpu-quick.json
+	$(PY) -m bench.bench_update --quick --json $(QUICK)/update-quick.json
 	$(PY) examples/dqn.py --summary-json runs/dqn-cartpole.json
 
 clean:
