@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections import defaultdict
@@ -57,7 +56,7 @@ def mixed_settings(group: list[dict]) -> dict[str, dict[str, list[str]]]:
         by_value: dict[str, list[str]] = defaultdict(list)
         for s in group:
             value = s.get("args", {}).get(name, "<missing>")
-            by_value[json.dumps(value)].append(os.path.basename(s["_file"]))
+            by_value[json.dumps(value)].append(s["_file"])
         if len(by_value) > 1:
             mixed[name] = dict(by_value)
     return mixed

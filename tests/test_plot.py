@@ -40,7 +40,7 @@ def test_runs_with_different_settings_are_named_in_a_warning(tmp_path, capsys):
     plot.main([long, short, "--out", str(out)])
     err = capsys.readouterr().err
     assert "the 2 runs averaged into the dqn/fastclip curve have different settings" in err
-    assert "total_timesteps 100000 (dqn_fastclip_s0.json), 5000 (dqn_fastclip_s1.json)" in err
+    assert f"total_timesteps 100000 ({long}), 5000 ({short})" in err
     assert "seed" not in err.split("settings:")[1]  # seeds are what a curve averages over
     assert out.stat().st_size > 0
 
