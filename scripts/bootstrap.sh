@@ -12,6 +12,10 @@
 # the torch build, the build switches); stamps in $VENV record what was done.
 # When it does rebuild, objects kept in build/temp let ninja recompile only
 # the sources that changed. FASTCLIP_REBUILD=1 forces a build.
+#
+#   bash scripts/bootstrap.sh           set up and build what is missing or stale
+#   bash scripts/bootstrap.sh --check   only say whether the build is current
+#                                       (exit 0) or would run (exit 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +77,16 @@ build_state() {
   python -c "import importlib.metadata as m; m.version('fastclip')" 2>/dev/null || { echo none; return; }
   echo "$(build_inputs) $(sha256sum < "$so" | cut -d' ' -f1)"
 }
+
+if [ "${1:-}" = --check ]; then
+  [ -x "$VENV/bin/python" ] || { say "no $VENV yet: everything would be set up"; exit 1; }
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$(build_state)" ]; then
+    say "fastclip is up to date"; exit 0
+  fi
+  say "fastclip would be rebuilt"; exit 1
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
