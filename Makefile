@@ -12,8 +12,12 @@ QUICK := runs/bench
 setup:
 	bash scripts/bootstrap.sh
 
+# What the nvcc compile-check reads: it reruns only when one of these changed.
+NVCC_INPUTS := find csrc .ci/nvcc_check.sh -type f | LC_ALL=C sort | xargs sha256sum; \
+	command -v nvcc && nvcc --version; $(PY) -c "import importlib.metadata as m; print(m.version(\"torch\"))"
+
 test: setup
-	PYTHON=$(PY) bash .ci/nvcc_check.sh
+	bash scripts/if_changed.sh nvcc-check '$(NVCC_INPUTS)' env PYTHON=$(PY) bash .ci/nvcc_check.sh
 	$(PY) -m pytest -q tests
 
 bench: setup
