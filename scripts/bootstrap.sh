@@ -128,12 +128,15 @@ else
   : >"$BUILD_LOG"
   MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install -v --no-build-isolation --no-deps -e . >"$BUILD_LOG" 2>&1 &
   pip_pid=$!
+  ( while sleep 20; do say "  ... still building ($((SECONDS - start)) s)"; done ) &
+  ticker=$!
   tail -n +1 --pid="$pip_pid" -f "$BUILD_LOG" | while IFS= read -r line; do
     if [[ $line =~ ^[[:space:]]*(\[[0-9]+/[0-9]+\]).*[[:space:]]-c[[:space:]]+([^[:space:]]+) ]]; then
       say "  ${BASH_REMATCH[1]} compiled ${BASH_REMATCH[2]#"$PWD"/} ($((SECONDS - start)) s)"
     fi
   done
   wait "$pip_pid" || rc=$?
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
   if [ $rc -ne 0 ]; then
     say "the build failed; the end of $BUILD_LOG:" >&2
     grep -v "is ignored: it is neither" "$BUILD_LOG" | tail -n 30 >&2
