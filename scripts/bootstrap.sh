@@ -9,7 +9,8 @@
 # Re-running is cheap: the dependencies are installed again only when
 # requirements-dev.txt changed, and the extension is rebuilt only when one of
 # its inputs changed (csrc/, setup.py, pyproject.toml, fastclip/_version.py,
-# the torch build, the build switches); stamps in $VENV record what was done.
+# the torch build, the build switches and compiler variables); stamps in $VENV
+# record what was done.
 # When it does rebuild, objects kept in build/temp let ninja recompile only
 # the sources that changed. FASTCLIP_REBUILD=1 forces a build.
 #
@@ -61,7 +62,8 @@ print(sys.version, spec.origin)
 with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
     print(f.read())
 EOF
-    for v in FASTCLIP_FORCE_CPU FASTCLIP_FORCE_CUDA FASTCLIP_CPU_ISA DEBUG CUDA_HOME CUDA_PATH; do
+    for v in FASTCLIP_FORCE_CPU FASTCLIP_FORCE_CUDA FASTCLIP_CPU_ISA DEBUG CUDA_HOME CUDA_PATH \
+             TORCH_CUDA_ARCH_LIST CC CXX CFLAGS CXXFLAGS LDFLAGS; do
       echo "$v=${!v-}"
     done
     echo "nvcc=$(command -v nvcc || true)"
