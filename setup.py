@@ -118,7 +118,7 @@ def _build_ext():
 torch = _import_torch()
 setup(
     version=VERSION["__version__"],
-    install_requires=[f"torch>={VERSION['MIN_TORCH_STR']}"],
+    install_requires=[VERSION["TORCH_REQUIREMENT"]],
     packages=find_packages(include=["fastclip", "fastclip.*"]),
     ext_modules=[_extension(torch)],
     cmdclass={"build_ext": _build_ext()},

@@ -17,6 +17,11 @@ __version__ = "0.1.0"
 
 MIN_TORCH = (2, 11)
 MIN_TORCH_STR = ".".join(map(str, MIN_TORCH))
+# The requirement in the package metadata. ".0.dev0" admits the nightly and
+# vendor builds of 2.11 ("2.11.0a0+...", which PEP 440 ranks below 2.11): with a
+# plain "torch>=2.11" pip would not count such an installed torch and would
+# download a second one, exactly what installing without build isolation avoids.
+TORCH_REQUIREMENT = f"torch>={MIN_TORCH_STR}.0.dev0"
 
 
 def torch_release(version):

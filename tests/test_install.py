@@ -79,17 +79,24 @@ def test_torch_is_no_build_requirement_and_the_minimum_is_in_the_metadata():
         pyproject = f.read()
     build_requires = re.search(r"^\[build-system\]\s*requires = \[([^\]]*)\]", pyproject, re.M).group(1)
     assert "torch" not in build_requires  # or pip would fetch a second torch to build against
-    assert f"torch>={_version.MIN_TORCH_STR}" in importlib.metadata.requires("fastclip")
+    assert importlib.metadata.requires("fastclip") == [_version.TORCH_REQUIREMENT]
     with open(os.path.join(ROOT, "README.md")) as f:
         assert f"torch >= {_version.MIN_TORCH_STR}" in f.read()
 
 
 @pytest.mark.parametrize("version, too_old", [
-    ("2.10.1+cu128", True), ("2.6.0", True), ("1.13.1", True),
-    ("2.11.0+cu130", False), ("2.11.0a0+git1234abc", False), ("2.13.0+cpu", False), ("3.0.0", False),
+    ("2.10.1+cu128", True), ("2.10.0a0+git5678", True), ("2.6.0", True), ("1.13.1", True),
+    ("2.11.0+cu130", False), ("2.11.0a0+git1234abc", False), ("2.11.0.dev20260101+cu130", False),
+    ("2.13.0+cpu", False), ("3.0.0", False),
 ])
 def test_torch_minimum(version, too_old):
     assert (_version.torch_too_old(version) is not None) == too_old
+    # pip judges an installed torch by the metadata's requirement: it must agree,
+    # or pip would replace a torch that the build accepts.
+    from packaging.requirements import Requirement
+
+    specifier = Requirement(_version.TORCH_REQUIREMENT).specifier
+    assert specifier.contains(version, prereleases=True) == (not too_old)
 
 
 def test_import_with_an_old_torch_raises_a_clear_import_error():
