@@ -1,5 +1,14 @@
 """Build fastclip: one extension, fastclip._C, holding the ops for every backend.
 
+The project's metadata is in pyproject.toml; this file adds what needs code:
+the version and the torch requirement (from fastclip/_version.py) and the
+extension, compiled against the torch that is already installed.
+
+Install with `pip install --no-build-isolation .`: torch is deliberately not a
+build requirement (pip would fetch a second, multi-GB torch into a throwaway
+build environment, and the extension must match the torch it runs with), so an
+isolated build cannot see torch and stops here with one line saying so.
+
 CUDA sources are compiled when the installed torch is a CUDA build and a CUDA
 toolkit is found (no GPU is needed at build time). Environment overrides:
   FASTCLIP_FORCE_CPU=1   never build the CUDA backend
@@ -7,26 +16,48 @@ toolkit is found (no GPU is needed at build time). Environment overrides:
   FASTCLIP_CPU_ISA=default  build the CPU operator for baseline x86-64 instead of
                          AVX2 (used by default when this machine's CPU has it)
   DEBUG=1                -O0 -g, for gdb / compute-sanitizer line numbers
-Install with `pip install --no-build-isolation .` so the build uses the torch
-that is already installed instead of pulling a second one.
 """
 import glob
 import os
-import re
+import runpy
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+# Plain file read, not an import: the package's __init__ imports torch.
+VERSION = runpy.run_path(os.path.join(ROOT, "fastclip", "_version.py"))
+
+INSTALL_HINT = "pip install --no-build-isolation ."
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _version():
-    with open(os.path.join(ROOT, "fastclip", "__init__.py")) as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+def _import_torch():
+    """The installed torch, or exit with one line: a traceback from deep inside
+    pip's build hooks does not tell a newcomer what to type instead."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "error: fastclip builds against the installed torch, which this build cannot import "
+            "(pip's build isolation hides it, or torch is not installed): install torch, then "
+            f"run: {INSTALL_HINT}"
+        )
+    too_old = VERSION["torch_too_old"](torch.__version__)
+    if too_old:
+        sys.exit(f"error: {too_old}")
+    return torch
+
+
+def _sources(subdir, pattern):
+    """csrc/<subdir>/<pattern>, sorted, as paths relative to this file: setuptools
+    refuses absolute source paths when it writes the package manifest."""
+    found = glob.glob(os.path.join(CSRC, subdir, pattern))
+    return sorted(os.path.relpath(path, ROOT).replace(os.sep, "/") for path in found)
 
 
 def _cpu_isa_flags(torch):
@@ -40,9 +71,7 @@ def _cpu_isa_flags(torch):
     return []
 
 
-def _extension():
-    # Imported here so that `setup.py --version` and metadata queries work without torch.
-    import torch
+def _extension(torch):
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     want_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
@@ -52,8 +81,10 @@ def _extension():
         want_cuda = True
 
     debug = _flag("DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "py_module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # -g0: Python's own CFLAGS add -g, and debug info for torch's headers costs
+    # about a third of the compile time; DEBUG=1 builds keep it.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    sources = ["csrc/ops.cpp", "csrc/py_module.cpp"] + _sources("cpu", "*.cpp")
     # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one
     # thread. Linking with -fopenmp resolves to the libgomp torch already loads.
     cxx = opt + ["-Wall", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_isa_flags(torch)
@@ -62,8 +93,7 @@ def _extension():
     if not want_cuda:
         return CppExtension("fastclip._C", sources, **kwargs)
 
-    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    sources += _sources("cuda", "*.cpp") + _sources("cuda", "*.cu")
     cxx.append("-DFASTCLIP_WITH_CUDA")
     nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-DFASTCLIP_WITH_CUDA"]
     kwargs["extra_compile_args"]["nvcc"] = nvcc
@@ -73,18 +103,24 @@ def _extension():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """Objects go to build/temp (kept between builds), not to the throwaway
+        directory pip's editable installs use: ninja then recompiles only the
+        sources (or headers, or flags) that changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    return BuildExt
 
 
+torch = _import_torch()
 setup(
-    name="fastclip",
-    version=_version(),
-    description="Fused global-norm gradient clipping for PyTorch: one kernel launch on CUDA, one fused pass on CPU",
+    version=VERSION["__version__"],
+    install_requires=[VERSION["TORCH_REQUIREMENT"]],
     packages=find_packages(include=["fastclip", "fastclip.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_extension(torch)],
     cmdclass={"build_ext": _build_ext()},
-    python_requires=">=3.9",
-    # Any torch >= 2.4 works; the installed one (CPU or CUDA build) is used as is.
-    install_requires=["torch>=2.4"],
     zip_safe=False,
 )

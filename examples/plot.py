@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from collections import defaultdict
 
@@ -38,6 +39,42 @@ def _interp(curve: dict, key: str, grid: np.ndarray) -> np.ndarray:
     return out
 
 
+# Trainer arguments that differ between the runs of one experiment without
+# changing it: the seed (the curves average over it) and where or how a run is
+# written, shown or executed.
+PER_RUN_ARGS = {"seed", "run_name", "summary_json", "progress", "log_every", "num_threads", "device"}
+
+
+def mixed_settings(group: list[dict]) -> dict[str, dict[str, list[str]]]:
+    """The settings on which the runs of one curve disagree: {arg: {value: [file, ...]}}.
+
+    One curve is the mean over its runs, so they must differ only in PER_RUN_ARGS;
+    a 100k-step and a 5k-step run of one seed averaged together are not a result."""
+    names = sorted({k for s in group for k in s.get("args", {})} - PER_RUN_ARGS)
+    mixed = {}
+    for name in names:
+        by_value: dict[str, list[str]] = defaultdict(list)
+        for s in group:
+            value = s.get("args", {}).get(name, "<missing>")
+            by_value[json.dumps(value)].append(s["_file"])
+        if len(by_value) > 1:
+            mixed[name] = dict(by_value)
+    return mixed
+
+
+def warn_mixed(algo: str, clip: str, group: list[dict], file=sys.stderr) -> bool:
+    """Print one warning per curve whose runs have different settings; True if it did."""
+    mixed = mixed_settings(group)
+    if mixed:
+        what = "; ".join(
+            f"{name} " + ", ".join(f"{value} ({', '.join(files)})" for value, files in values.items())
+            for name, values in mixed.items())
+        print(f"plot.py: warning: the {len(group)} runs averaged into the {algo}/{clip} curve have "
+              f"different settings: {what}. Pass runs of one setting to compare like with like.",
+              file=file)
+    return bool(mixed)
+
+
 def markdown_table(runs: dict) -> str:
     """One row per (algo, clip): eval return per seed, mean, train wall time, clip-call time."""
     lines = ["| algo | clip | seeds | eval return per seed | eval mean | train wall s (mean) | clip calls | clip time s (mean) | grad-norm p50 / p99 |",
@@ -60,7 +97,7 @@ def markdown_table(runs: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("summaries", nargs="+", help="summary JSON files written by dqn.py / a2c.py / reinforce.py")
-    p.add_argument("--out", default="curves.png", help="output PNG path")
+    p.add_argument("--out", default="curves.png", help="output PNG path (default: %(default)s)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--table", action="store_true", help="also print a markdown results table")
     p.add_argument("--dpi", type=int, default=80, help="PNG resolution")
@@ -70,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.summaries:
         with open(path) as f:
             s = json.load(f)
+        s["_file"] = path
         runs[s["algo"]][s["clip"]].append(s)
+    mixed = {(a, c) for a in runs for c in runs[a] if warn_mixed(a, c, runs[a][c])}
 
     algos = sorted(runs)
     if args.table:
@@ -89,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             grid = np.linspace(0, total, 200)
             color = COLORS.get(clip)
             evals = ", ".join(f"{s['eval_return_mean']:.0f}" for s in sorted(group, key=lambda s: s["seed"]))
-            label = f"{clip} (n={len(group)}; eval {evals})"
+            label = f"{clip} (n={len(group)}{', MIXED SETTINGS' if (algo, clip) in mixed else ''}; eval {evals})"
 
             rets = np.stack([_interp(s["curves"]["return"], "mean", grid) for s in group])
             with warnings.catch_warnings():  # all-NaN columns (before the first episode) are fine

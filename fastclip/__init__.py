@@ -3,9 +3,8 @@
     import fastclip
     norm = fastclip.clip_(model.parameters(), max_norm=0.5)   # = torch.nn.utils.clip_grad_norm_
 """
-__version__ = "0.1.0"
-
-from . import _ops
+from ._version import __version__
+from . import _ops  # first: checks the torch version, then loads the extension
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .patch import is_patched, patch, unpatch
 

@@ -7,6 +7,14 @@ import warnings
 
 import torch
 
+from ._version import torch_too_old
+
+# Before loading _C: built against an older torch, it would fail with an
+# undefined symbol instead of saying what is wrong.
+_TOO_OLD = torch_too_old(torch.__version__)
+if _TOO_OLD:
+    raise ImportError(_TOO_OLD)
+
 LOAD_ERROR = None
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastclip.*)

@@ -111,6 +111,31 @@ def _group_by_device(grads):
     return groups
 
 
+def _refuse_dataless(groups, error_if_nonfinite, fn, name_of):
+    """Grads on the meta device have a shape but no values. Among themselves they
+    clip as in torch (the norm is a meta tensor), but their norm cannot be
+    combined with that of grads holding data, nor checked for non-finite values:
+    say which grad, before anything is touched, instead of torch's "Cannot copy
+    out of meta tensor" from deep inside. name_of(grad) -> how the caller named it."""
+    meta = next((d for d in groups if d.type == "meta"), None)
+    if meta is None or (len(groups) == 1 and not error_if_nonfinite):
+        return
+    grad = groups[meta][0]
+    if len(groups) > 1:
+        other = next(d for d in groups if d.type != "meta")
+        why = f"its norm cannot be combined with that of the grads on {other}"
+    else:
+        why = "error_if_nonfinite=True cannot check its values"
+    raise RuntimeError(
+        f"fastclip.{fn}: {name_of(grad)} (shape {tuple(grad.shape)}) is on the meta device, which "
+        f"holds no data, so {why}; give it storage first (e.g. module.to_empty(device=...))"
+    )
+
+
+def _index_of(tensor, tensors):
+    return next(i for i, t in enumerate(tensors) if t is tensor)
+
+
 def _scale_is_fused(grads, device):
     """Whether the fused ops take these grads (device with kernels, fused dtypes)."""
     return _ops.has_kernels(device.type) and all(g.dtype in _FUSED_DTYPES for g in grads)
@@ -181,8 +206,10 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     if not tensors:
         return torch.tensor(0.0)
     _check_grads(tensors, fn)
+    groups = _group_by_device(tensors)
+    _refuse_dataless(groups, error_if_nonfinite, fn, lambda g: f"tensors[{_index_of(g, tensors)}]")
     with torch.no_grad():
-        norm = _combine_norms(_device_norms(_group_by_device(tensors), norm_type), norm_type, tensors[0].device)
+        norm = _combine_norms(_device_norms(groups, norm_type), norm_type, tensors[0].device)
         if error_if_nonfinite:
             return _raise_if_nonfinite(norm, norm_type, _result_dtype(tensors))
         return norm.to(_result_dtype(tensors))
@@ -251,8 +278,9 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         return torch.tensor(0.0)
     _check_grads(grads, fn)
     dtype = _result_dtype(grads)
+    groups = _group_by_device(grads)
+    _refuse_dataless(groups, error_if_nonfinite, fn, lambda g: f"parameters[{_index_of(g, [p.grad for p in params])}].grad")
     with torch.no_grad():
-        groups = _group_by_device(grads)
         if len(groups) == 1 and not error_if_nonfinite:
             (device, gs), = groups.items()
             if _norm_is_fused(gs, device, norm_type):
