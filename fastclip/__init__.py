@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from . import _ops
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .local import per_tensor_norms
 from .patch import is_patched, patch, unpatch
 
 
@@ -29,5 +30,6 @@ __all__ = [
     "get_total_norm",
     "is_patched",
     "patch",
+    "per_tensor_norms",
     "unpatch",
 ]

@@ -32,6 +32,7 @@ if LOADED:
     total_norm = torch.ops.fastclip.total_norm.default
     scale_ = torch.ops.fastclip.scale_.default
     clip_grad_norm_ = torch.ops.fastclip.clip_grad_norm_.default
+    per_tensor_norms = torch.ops.fastclip.per_tensor_norms.default
 
     def _norm_like(grads):
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
@@ -51,6 +52,14 @@ if LOADED:
     def _(grads, max_norm, norm_type, norm_dtype=None):
         norm = _norm_like(grads)
         return norm if norm_dtype is None else norm.to(norm_dtype)
+
+    def _norms_like(tensors):
+        """One norm per tensor: the 1-D result of the per-tensor ops."""
+        return _norm_like(tensors).new_empty((len(tensors),))
+
+    @torch.library.register_fake("fastclip::per_tensor_norms")
+    def _(tensors, norm_type):
+        return _norms_like(tensors)
 
 
 def has_kernels(device_type):
