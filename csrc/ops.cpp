@@ -22,4 +22,17 @@ TORCH_LIBRARY(fastclip, m) {
   // total_norm is (DESIGN.md §3), so bitwise reproducible. Kernels:
   // csrc/cpu/norms_cpu.cpp, csrc/cuda/norms_cuda.cpp.
   m.def("per_tensor_norms(Tensor[] tensors, float norm_type) -> Tensor");
+  // Local clipping: each group of grads scaled in place by
+  // min(max_norm / (norm + 1e-6), 1) with the group's own p-norm. groups: one
+  // id in [0, len(grads)) per grad (a layer's weight and bias share an id), or
+  // empty for one group per grad. Returns the pre-clip norm of each grad's
+  // group, one per grad, as per_tensor_norms does. Kernels:
+  // csrc/cpu/per_layer_cpu.cpp, csrc/cuda/norms_cuda.cpp.
+  m.def("clip_grad_norm_per_layer_(Tensor(a!)[] grads, int[] groups, float max_norm, float norm_type) -> Tensor");
+  // Adaptive (unit-wise) clipping, AGC in timm's form: a unit is a row of a
+  // >= 2-D grad (index 0, over its other dims), a <= 1-D grad is one unit; a
+  // unit whose grad p-norm reaches clip_factor * max(unit norm of its param,
+  // eps) is scaled in place to that. params[i] is grads[i]'s parameter (same
+  // shape and device). Kernels: csrc/cpu/agc_cpu.cpp, csrc/cuda/norms_cuda.cpp.
+  m.def("adaptive_clip_grad_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
 }

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from . import _ops
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
-from .local import per_tensor_norms
+from .local import adaptive_clip_grad_, clip_grad_norm_per_layer_, per_tensor_norms
 from .patch import is_patched, patch, unpatch
 
 
@@ -22,9 +22,11 @@ def backend():
 
 
 __all__ = [
+    "adaptive_clip_grad_",
     "backend",
     "clip_",
     "clip_grad_norm_",
+    "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",

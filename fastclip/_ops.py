@@ -33,6 +33,8 @@ if LOADED:
     scale_ = torch.ops.fastclip.scale_.default
     clip_grad_norm_ = torch.ops.fastclip.clip_grad_norm_.default
     per_tensor_norms = torch.ops.fastclip.per_tensor_norms.default
+    clip_grad_norm_per_layer_ = torch.ops.fastclip.clip_grad_norm_per_layer_.default
+    adaptive_clip_grad_ = torch.ops.fastclip.adaptive_clip_grad_.default
 
     def _norm_like(grads):
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
@@ -60,6 +62,14 @@ if LOADED:
     @torch.library.register_fake("fastclip::per_tensor_norms")
     def _(tensors, norm_type):
         return _norms_like(tensors)
+
+    @torch.library.register_fake("fastclip::clip_grad_norm_per_layer_")
+    def _(grads, groups, max_norm, norm_type):
+        return _norms_like(grads)
+
+    @torch.library.register_fake("fastclip::adaptive_clip_grad_")
+    def _(params, grads, clip_factor, eps, norm_type):
+        return None
 
 
 def has_kernels(device_type):
