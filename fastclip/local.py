@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _local_reference, _ops
 from ._reference import accumulate_dtype
-from .clip import _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _fused_ok
+from .clip import _compiling, _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _fused_ok
 
 
 def per_tensor_norms(tensors, norm_type=2.0):
@@ -103,6 +103,16 @@ def clip_grad_norm_per_layer_(parameters, max_norm, norm_type=2.0, by="tensor"):
     fn = "clip_grad_norm_per_layer_"
     if by not in ("tensor", "module"):
         raise ValueError(f"fastclip.{fn}: by must be 'tensor' or 'module', got {by!r}")
+    if isinstance(parameters, torch.Tensor):
+        parameters = (parameters,)
+    if by == "tensor" and isinstance(parameters, (list, tuple)) and _ops.per_layer_params is not None:
+        max_norm = _check_max_norm(max_norm, fn)
+        norm_type = _check_norm_type(norm_type, fn)
+        if norm_type > 0 and not _compiling():
+            # The eager hot path: grads read, checked and clipped in C++ (csrc/local_params.h).
+            norms = _ops.per_layer_params(parameters, max_norm, norm_type)
+            if norms is not None:
+                return norms
     if by == "module":
         if not isinstance(parameters, nn.Module):
             raise ValueError(f"fastclip.{fn}: by='module' needs an nn.Module, got {type(parameters).__name__}")
@@ -171,12 +181,17 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
     `parameters`: a Tensor, a list or an iterable (None grads skipped).
     """
     fn = "adaptive_clip_grad_"
-    params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
-    for i, p in enumerate(params):
-        _check_tensor(p, i, fn, "parameters")
     clip_factor = _check_max_norm(clip_factor, fn, "clip_factor")
     eps = _check_max_norm(eps, fn, "eps")
     norm_type = _check_norm_type(norm_type, fn)
+    if isinstance(parameters, torch.Tensor):
+        parameters = (parameters,)
+    if (isinstance(parameters, (list, tuple)) and _ops.agc_params is not None and norm_type > 0
+            and not _compiling() and _ops.agc_params(parameters, clip_factor, eps, norm_type)):
+        return  # the eager hot path: done in C++ (csrc/local_params.h)
+    params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
+    for i, p in enumerate(params):
+        _check_tensor(p, i, fn, "parameters")
     params = [p for p in params if p.grad is not None]
     if not params:
         return
