@@ -15,6 +15,7 @@
 // per_tensor_norms does (fp32, fp64 for fp64), with the same rescue pass.
 #include <torch/library.h>
 
+#include "../agc_checks.h"
 #include "per_tensor.h"
 
 namespace fastclip {
@@ -27,14 +28,6 @@ struct UnitPair {
   Span param, grad;
   int64_t units, unit_len;
 };
-
-// A tensor whose rows lie one after another in memory (the param or grad as
-// it is, or a contiguous copy of it). Dense with dim 0 outermost is enough:
-// the elements of a row may be in any order, a norm does not care.
-bool rows_in_place(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return false;
-  return t.dim() <= 1 || t.size(0) == 1 || t.stride(0) * t.size(0) == t.numel();
-}
 
 Span sub_span(const Span& s, int64_t offset, int64_t n) {
   return Span{static_cast<char*>(s.data) + offset * c10::elementSize(s.dtype), n, s.dtype, 0};
@@ -146,29 +139,10 @@ void clip_units(const std::vector<UnitPair>& pairs, const AgcArgs& a) {
   clip_long_units<kind>(pairs, a);
 }
 
-void check_params(at::TensorList params, at::TensorList grads, const char* op) {
-  TORCH_CHECK(params.size() == grads.size(), "fastclip::", op, ": got ", params.size(), " params for ", grads.size(),
-              " grads");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.layout() == at::kStrided && is_fused_dtype(p.scalar_type()), "fastclip::", op,
-                ": params must be dense float32, float64, float16 or bfloat16, got ", p.scalar_type(), " (param ", i,
-                ")");
-    TORCH_CHECK(p.device() == grads[i].device(), "fastclip::", op, ": param ", i, " is on ", p.device(),
-                ", its grad on ", grads[i].device());
-    TORCH_CHECK(p.sizes() == grads[i].sizes(), "fastclip::", op, ": param ", i, " has shape ", p.sizes(),
-                ", its grad ", grads[i].sizes());
-  }
-}
-
 void adaptive_clip_grad_cpu(at::TensorList params, at::TensorList grads, double clip_factor, double eps,
                             double norm_type) {
   const char* op = "adaptive_clip_grad_";
-  check_norm_type(norm_type, op);
-  TORCH_CHECK(clip_factor >= 0.0 && eps >= 0.0, "fastclip::", op,
-              ": clip_factor and eps must be non-negative numbers, got ", clip_factor, " and ", eps);
-  check_grads(grads, op);
-  check_params(params, grads, op);
+  check_agc_inputs(params, grads, clip_factor, eps, norm_type, op);
   const std::vector<bool> repeated = repeated_grads(grads, op);  // a grad listed twice is clipped once
 
   std::vector<at::Tensor> param_copies;                      // kept alive while their spans are read
