@@ -32,6 +32,9 @@ def per_tensor_norms(tensors, norm_type=2.0):
         return torch.empty(0, dtype=torch.float32)
     _check_grads(tensors, fn)
     with torch.no_grad():
+        device = tensors[0].device
+        if all(t.device == device for t in tensors):  # the common case: no regrouping
+            return _norms_one_device(tensors, norm_type)
         return _norms_by_device(tensors, norm_type)
 
 
@@ -58,6 +61,7 @@ def _gather(groups, n, dtype, device, compute):
 
 
 def _norms_one_device(tensors, norm_type):
+    """Both paths return the accumulation dtype (float32, float64 if any tensor is fp64)."""
     if _fused_ok(tensors, tensors[0].device, norm_type):
         return _ops.per_tensor_norms(tensors, norm_type)
     return _local_reference.per_tensor_norms(tensors, norm_type)
