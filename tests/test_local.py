@@ -323,6 +323,8 @@ def test_per_layer_large_set_and_thread_count_determinism():
     finally:
         torch.set_num_threads(old)
     assert_clipped_like(params, expected)
+    # the pre-clip norms are bitwise per_tensor_norms' (same chunk partials, same order)
+    assert torch.equal(results[0][0], fastclip.per_tensor_norms(grads0))
     for norms, gs in results[1:]:
         assert torch.equal(norms, results[0][0]) and all(torch.equal(a, b) for a, b in zip(gs, results[0][1]))
 

@@ -1,10 +1,11 @@
 // CPU implementation of fastclip::clip_grad_norm_per_layer_ (schema in
 // csrc/ops.cpp): local clipping. Each group of grads (one grad, or the
 // parameters of one layer) is scaled by min(max_norm / (norm + 1e-6), 1) with
-// its own norm. Phase 1 is per_tensor.h's per-tensor norms (one pass over the
-// chunked index space); the group norms and coefficients are a loop over the
-// tensors; phase 2 scales every chunk by its tensor's coefficient, with the
-// same thread split as phase 1 so each thread re-reads data in its own cache.
+// its own norm. One group per grad: clip_by_windows (below). Layer groups:
+// phase 1 is per_tensor.h's per-tensor norms (one pass over the chunked index
+// space); the group norms and coefficients are a loop over the tensors; phase
+// 2 scales every chunk by its tensor's coefficient, with the same thread split
+// as phase 1 so each thread re-reads data in its own cache.
 #include <torch/library.h>
 
 #include "per_tensor.h"
@@ -47,6 +48,78 @@ std::vector<double> per_grad_group_norms(const PerTensorSet& pts, const std::vec
   return out;
 }
 
+// One group per grad: clipped window by window, a window being consecutive
+// whole tensors of up to kWindowElems elements (a bigger tensor is a window of
+// its own): the partials of the window's chunks, its tensors' norms and
+// coefficients, then its scale with the same thread split, while the window
+// is still in each thread's cache. (A global norm needs every element before
+// the first scale; a tensor's own norm does not, and a plain per-tensor loop
+// gets that locality too.) A tensor's norm is still its chunk partials
+// combined in chunk order, bitwise what per_tensor_norms computes.
+constexpr int64_t kWindowElems = int64_t{1} << 19;  // 2 MB of fp32: a thread's share stays in L2
+
+template <NormKind kind>
+std::vector<double> clip_by_windows(const PerTensorSet& pts, double max_norm, double p) {
+  const GradSet& set = pts.set;
+  const size_t num_spans = set.spans.size();
+  std::vector<bool> repeat(num_spans, false);  // scaled by its first listing
+  for (size_t i = 0; i < pts.span_of.size(); ++i) {
+    if (pts.span_of[i] >= 0 && is_repeat(pts, i)) repeat[pts.span_of[i]] = true;
+  }
+  std::vector<double> norms(num_spans), coef(num_spans, 1.0), partials(set.num_chunks);
+  std::vector<CoefFactors> factors(num_spans);
+  for (size_t first = 0; first < num_spans;) {
+    size_t last = first + 1;
+    int64_t elems = set.spans[first].numel;
+    while (last < num_spans && elems + set.spans[last].numel <= kWindowElems) elems += set.spans[last++].numel;
+    const int64_t c0 = set.spans[first].first_chunk;
+    const int64_t c1 = set.spans[last - 1].first_chunk + chunks_of(set.spans[last - 1]);
+    const auto run = [&](const auto& body) {  // the same split both times: a pure function of the range
+      if (elems <= kSerialMaxElems) body(c0, c1); else at::parallel_for(c0, c1, 1, body);
+    };
+    run([&](int64_t b, int64_t e) {
+      for_each_chunk(set, b, e, Order::Forward, [&](const Span& s, int64_t off, int64_t n, int64_t c) {
+        partials[c] = span_partial<kind>(s, off, n, p);
+      });
+    });
+    bool any = false;
+    for (size_t k = first; k < last; ++k) {
+      const Span& s = set.spans[k];
+      double acc = 0.0;
+      for (int64_t c = s.first_chunk; c < s.first_chunk + chunks_of(s); ++c) acc = combine(acc, partials[c], kind);
+      norms[k] = needs_rescue(acc, kind, s.dtype != at::kDouble) ? rescued_span_norm(s, acc, kind, p)
+                                                                 : finish_norm(acc, kind, p);
+      if (!repeat[k]) coef[k] = clip_coef(max_norm, norms[k]);
+      factors[k] = coef_factors(coef[k]);
+      any |= coef[k] != 1.0;
+    }
+    if (any) {
+      run([&](int64_t b, int64_t e) {
+        for_each_chunk(set, b, e, Order::Backward, [&](const Span& s, int64_t off, int64_t n, int64_t) {
+          const size_t k = span_index(set, s);
+          if (coef[k] != 1.0) scale_span(s, off, n, coef[k], factors[k]);  // 1: bitwise untouched
+        });
+      });
+    }
+    first = last;
+  }
+  copy_back(set);
+  std::vector<double> by_grad(pts.span_of.size(), 0.0);
+  for (size_t i = 0; i < by_grad.size(); ++i) {
+    if (pts.span_of[i] >= 0) by_grad[i] = norms[pts.span_of[i]];
+  }
+  return by_grad;
+}
+
+std::vector<double> clip_by_windows(const PerTensorSet& pts, double max_norm, double p) {
+  switch (norm_kind(p)) {
+    case NormKind::L1: return clip_by_windows<NormKind::L1>(pts, max_norm, p);
+    case NormKind::L2: return clip_by_windows<NormKind::L2>(pts, max_norm, p);
+    case NormKind::Inf: return clip_by_windows<NormKind::Inf>(pts, max_norm, p);
+    default: return clip_by_windows<NormKind::P>(pts, max_norm, p);
+  }
+}
+
 at::Tensor clip_grad_norm_per_layer_cpu(at::TensorList grads, at::IntArrayRef groups, double max_norm,
                                         double norm_type) {
   const char* op = "clip_grad_norm_per_layer_";
@@ -60,6 +133,10 @@ at::Tensor clip_grad_norm_per_layer_cpu(at::TensorList grads, at::IntArrayRef gr
                 ": group ids must be in [0, number of grads), got ", g);
   }
   const PerTensorSet pts = make_per_tensor_set(grads, op, /*check_overlap=*/true);  // checks, before any write
+  const at::ScalarType out_dtype = pts.set.any_double ? at::kDouble : at::kFloat;
+  if (groups.empty()) return vector_tensor(clip_by_windows(pts, max_norm, norm_type), out_dtype);
+
+  // Layer groups: every member's norm before any scale, in two passes over the whole set.
   const std::vector<double> norms = per_grad_group_norms(pts, grad_norms(pts, norm_type), groups, norm_type);
 
   // Each span's coefficient; 1 (no write) for a repeat, which its first listing scales.
@@ -82,7 +159,7 @@ at::Tensor clip_grad_norm_per_layer_cpu(at::TensorList grads, at::IntArrayRef gr
     });
     copy_back(set);
   }
-  return vector_tensor(norms, pts.set.any_double ? at::kDouble : at::kFloat);
+  return vector_tensor(norms, out_dtype);
 }
 
 }  // namespace
