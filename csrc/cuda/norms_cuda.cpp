@@ -150,7 +150,7 @@ at::Tensor clip_grad_norm_per_layer_cuda(at::TensorList grads, at::IntArrayRef g
     by_grad = group_norms(by_grad, contrib_ids, n + 1, norm_type).index_select(0, ids);
   }
   // min(max_norm / (norm + 1e-6), 1) in double; NaN stays NaN, as clip_coef.
-  const at::Tensor coefs = at::clamp_max(max_norm / (by_grad + 1e-6), 1.0).contiguous();
+  const at::Tensor coefs = at::clamp_max(at::full_like(by_grad, max_norm) / (by_grad + 1e-6), 1.0).contiguous();
   for (int i = 0; i < n; ++i) {  // a repeat owns no tile in the scale launch: scaled once
     if (!repeated.empty() && repeated[i]) s.descs[i].numel = 0;
   }
