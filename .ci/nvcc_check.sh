@@ -2,7 +2,7 @@
 # Compile-checks the CUDA backend on a machine without a GPU (CI: 2 cores, nvcc,
 # CPU-only torch): every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 under
 # torch's __CUDA_NO_HALF* / __CUDA_NO_BFLOAT16_CONVERSIONS__ macros, warnings as
-# errors; and the glue csrc/cuda/clip_cuda.cpp with g++ -fsyntax-only against
+# errors; and every glue file csrc/cuda/*.cpp with g++ -fsyntax-only against
 # the installed torch's headers, as setup.py's CUDAExtension would compile it.
 # Skips (exit 0) when nvcc is not on PATH. Usage: .ci/nvcc_check.sh
 set -euo pipefail
@@ -41,10 +41,11 @@ done
 glue=(g++ -fsyntax-only -std=c++20 -Wall -Wextra -Werror -DTORCH_API_INCLUDE_EXTENSION_H
       -DFASTCLIP_WITH_CUDA)
 for d in $TORCH_INC "$CUDA_INC"; do glue+=(-isystem "$d"); done
-glue+=(csrc/cuda/clip_cuda.cpp)
-echo "+ ${glue[*]}"
-"${glue[@]}" >"$out/log.glue" 2>&1 &
-pids+=($!) names+=("csrc/cuda/clip_cuda.cpp (g++ -fsyntax-only)")
+for cpp in csrc/cuda/*.cpp; do
+  echo "+ ${glue[*]} $cpp"
+  "${glue[@]}" "$cpp" >"$out/log.glue.$(basename "$cpp")" 2>&1 &
+  pids+=($!) names+=("$cpp (g++ -fsyntax-only)")
+done
 
 status=0
 for i in "${!pids[@]}"; do

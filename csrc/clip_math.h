@@ -112,4 +112,15 @@ FASTCLIP_HD double scaled_term(double x, double max_abs, NormKind kind, double p
   return norm_term<double>(x / max_abs, kind, p);
 }
 
+// Added for adaptive clipping (AGC, Brock et al. 2021, in timm's form): the
+// coefficient of one unit. The unit's grad norm is held to
+// max = clip_factor * max(param_norm, eps); a unit at or above it is scaled by
+// max / max(grad_norm, 1e-6), others are left alone (1: no write). NaN in
+// either norm gives NaN, as torch's clamp/where do.
+FASTCLIP_HD double agc_coef(double param_norm, double grad_norm, double clip_factor, double eps) {
+  const double max_norm = clip_factor * nan_max(param_norm, eps);
+  if (grad_norm < max_norm) return 1.0;
+  return max_norm / nan_max(grad_norm, 1e-6);
+}
+
 }  // namespace fastclip

@@ -1,5 +1,5 @@
 // The operator schemas, declared once. The Python module is csrc/py_module.cpp. Backends register implementations in
-// csrc/cpu/clip_cpu.cpp and csrc/cuda/clip_cuda.cpp; fake (meta) kernels for
+// csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cpp; fake (meta) kernels for
 // torch.compile live in fastclip/_ops.py.
 #include <torch/library.h>
 
@@ -18,4 +18,23 @@ TORCH_LIBRARY(fastclip, m) {
   // in norm_dtype (default: total_norm's dtype), so returning it in the grads'
   // dtype, as torch does, costs no extra cast.
   m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, ScalarType? norm_dtype=None) -> Tensor");
+  // The p-norm (p > 0 or inf) of each tensor, in one pass: a 1-D tensor of
+  // len(tensors) norms (0 for a zero-size tensor), float32 (float64 if any
+  // tensor is fp64), on the tensors' device. Accumulated and combined as
+  // total_norm is, so bitwise reproducible. Kernels:
+  // csrc/cpu/norms_cpu.cpp, csrc/cuda/norms_cuda.cpp.
+  m.def("per_tensor_norms(Tensor[] tensors, float norm_type) -> Tensor");
+  // Local clipping: each group of grads scaled in place by
+  // min(max_norm / (norm + 1e-6), 1) with the group's own p-norm. groups: one
+  // id in [0, len(grads)) per grad (a layer's weight and bias share an id), or
+  // empty for one group per grad. Returns the pre-clip norm of each grad's
+  // group, one per grad, as per_tensor_norms does. Kernels:
+  // csrc/cpu/per_layer_cpu.cpp, csrc/cuda/norms_cuda.cpp.
+  m.def("clip_grad_norm_per_layer_(Tensor(a!)[] grads, int[] groups, float max_norm, float norm_type) -> Tensor");
+  // Adaptive (unit-wise) clipping, AGC in timm's form: a unit is a row of a
+  // >= 2-D grad (index 0, over its other dims), a <= 1-D grad is one unit; a
+  // unit whose grad p-norm reaches clip_factor * max(unit norm of its param,
+  // eps) is scaled in place to that. params[i] is grads[i]'s parameter (same
+  // shape and device). Kernels: csrc/cpu/agc_cpu.cpp, csrc/cuda/norms_cuda.cpp.
+  m.def("adaptive_clip_grad_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
 }

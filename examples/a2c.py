@@ -44,7 +44,12 @@ class Args:
     seed: int = 0
     """seed for torch, numpy, python and the environments (env i gets seed + i)"""
     clip: Literal["none", "torch", "fastclip"] = "fastclip"
-    """gradient clipping: fastclip.clip_grad_norm_, torch.nn.utils.clip_grad_norm_, or none"""
+    """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
+    clip_mode: Literal["global", "per-layer", "agc"] = "global"
+    """what is clipped: the global norm (max-grad-norm), each parameter's own norm (max-grad-norm),
+    or each unit adaptively (AGC, agc-clip-factor); see examples/common.py's Clipper"""
+    agc_clip_factor: float = 0.01
+    """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
     max_grad_norm: float = 0.5
     """max global L2 norm of the gradients"""
     summary_json: Optional[str] = None
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     agent = Agent(obs_dim, n_actions, args.hidden).to(device)
     optimizer = make_optimizer(args.optimizer, agent.parameters(), args.learning_rate)
-    clipper = Clipper(args.clip, args.max_grad_norm)
+    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor)
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
 
     # rollout storage: (num_steps, num_envs, ...)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_summary("a2c", args, logger, clipper, eval_returns, wall_s, global_step,
                             extra={"diverged": diverged_at is not None, "diverged_at_step": diverged_at})
     logger.close()
-    print(f"a2c {args.env_id} clip={args.clip} seed={args.seed}: eval return "
+    print(f"a2c {args.env_id} clip={args.clip} mode={args.clip_mode} seed={args.seed}: eval return "
           f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f}, wall {wall_s:.1f}s, "
           f"clip calls {clipper.calls} ({clipper.time_s:.3f}s), grad norm p50 {summary['grad_norm_p50']}")
     return summary

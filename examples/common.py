@@ -93,43 +93,109 @@ def setup_torch(num_threads: int) -> None:
 # --------------------------------------------------------------------------------------------
 # gradient clipping
 # --------------------------------------------------------------------------------------------
-class Clipper:
-    """Clip the global gradient norm and return the *pre-clip* norm as a 0-dim device tensor.
+CLIP_MODES = ("global", "per-layer", "agc")
 
-    ``kind``:
-      * ``"fastclip"`` - ``fastclip.clip_grad_norm_`` (drop-in for torch's, no host sync)
-      * ``"torch"``    - ``torch.nn.utils.clip_grad_norm_``
-      * ``"none"``     - no clipping; the norm is still measured (``get_total_norm``) so the
+
+def torch_per_layer_clip_(params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Local clipping the plain-torch way: one clip_grad_norm_ per parameter. Returns the
+    per-parameter pre-clip norms, stacked (the baseline of ``--clip torch --clip-mode per-layer``)."""
+    return torch.stack([torch.nn.utils.clip_grad_norm_([p], max_norm, norm_type) for p in params])
+
+
+def torch_adaptive_clip_grad_(params, clip_factor: float = 0.01, eps: float = 1e-3, norm_type: float = 2.0) -> None:
+    """AGC (Brock et al. 2021) the plain-torch way, as timm's ``adaptive_clip_grad``: per
+    parameter, unit (row) norms of weight and grad, then a masked rescale (the baseline of
+    ``--clip torch --clip-mode agc``)."""
+    for p in params:
+        g = p.grad
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p.detach(), norm_type, dim=dims, keepdim=g.dim() > 1)
+        g_norm = torch.linalg.vector_norm(g, norm_type, dim=dims, keepdim=g.dim() > 1)
+        max_norm = w_norm.clamp(min=eps).mul_(clip_factor)
+        g.detach().copy_(torch.where(g_norm < max_norm, g, g * (max_norm / g_norm.clamp(min=1e-6))))
+
+
+def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_factor: float):
+    """The one place that maps (--clip, --clip-mode) to functions; new modes go here.
+
+    Returns (clip, measure): clip(params) clips in place and returns the pre-clip *global* norm
+    as a 0-dim device tensor (so every mode logs the same quantity), or None when the clip
+    function has no such norm; then measure(params) gives it, called before (and not timed
+    with) the clip. (None, measure) for --clip none."""
+    if kind == "fastclip":
+        import fastclip  # imported lazily so --clip torch/none work without the extension
+
+        measure = lambda ps: fastclip.get_total_norm([p.grad for p in ps], norm_type)  # noqa: E731
+        clip = {
+            "global": lambda ps: fastclip.clip_grad_norm_(ps, max_norm, norm_type=norm_type),
+            "per-layer": lambda ps: torch.linalg.vector_norm(
+                fastclip.clip_grad_norm_per_layer_(ps, max_norm, norm_type), norm_type),
+            "agc": lambda ps: fastclip.adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
+        }
+    else:
+        measure = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps], norm_type)  # noqa: E731
+        clip = {
+            "global": lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type=norm_type),
+            "per-layer": lambda ps: torch.linalg.vector_norm(torch_per_layer_clip_(ps, max_norm, norm_type),
+                                                             norm_type),
+            "agc": lambda ps: torch_adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
+        }
+    return (None if kind == "none" else clip[mode]), measure
+
+
+class Clipper:
+    """Clip the gradients and return the *pre-clip global* norm as a 0-dim device tensor.
+
+    ``kind`` (``--clip``):
+      * ``"fastclip"`` - fastclip's fused functions (no host sync)
+      * ``"torch"``    - the plain-torch way of doing the same clip (the baseline)
+      * ``"none"``     - no clipping; the norm is still measured (torch's ``get_total_norm``) so the
                          logs show what the gradients did, but that is not a clip call.
+
+    ``mode`` (``--clip-mode``), the same for both kinds (see ``_clip_fn``):
+      * ``"global"``    - one norm over all grads: ``clip_grad_norm_`` (fastclip's or torch's)
+      * ``"per-layer"`` - each grad clipped by its own norm: ``fastclip.clip_grad_norm_per_layer_``,
+                          or torch's ``clip_grad_norm_`` called once per parameter
+      * ``"agc"``       - unit-wise adaptive clipping (``clip_factor``): ``fastclip.adaptive_clip_grad_``,
+                          or the timm-style loop ``torch_adaptive_clip_grad_``; the global norm for
+                          the logs is measured first (``get_total_norm``, not timed)
+
+    Per-layer and AGC modes use the same ``max_norm`` / ``clip_factor`` for every trainer; the
+    defaults were tuned for global clipping, so compare modes, not absolute returns.
 
     ``calls`` counts calls to the clip function and ``time_s`` is the host wall time spent inside
     them. On CUDA both clip functions only enqueue kernels, so ``time_s`` there is launch
     overhead, not kernel time (no synchronisation is added here on purpose).
     """
 
-    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0):
+    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0, mode: str = "global",
+                 clip_factor: float = 0.01):
         if kind not in CLIP_CHOICES:
             raise ValueError(f"clip must be one of {CLIP_CHOICES}, got {kind!r}")
-        self.kind, self.max_norm, self.norm_type = kind, float(max_norm), float(norm_type)
+        if mode not in CLIP_MODES:
+            raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+        self.kind, self.mode, self.max_norm, self.norm_type = kind, mode, float(max_norm), float(norm_type)
         self.calls, self.time_s = 0, 0.0
-        if kind == "fastclip":
-            import fastclip  # imported lazily so --clip torch/none work without the extension
+        self._fn, self._measure = _clip_fns(kind, mode, self.max_norm, self.norm_type, clip_factor)
+        self._fn_returns_norm = mode != "agc"
 
-            self._fn = fastclip.clip_grad_norm_
-        elif kind == "torch":
-            self._fn = torch.nn.utils.clip_grad_norm_
-        else:
-            self._fn = None
+    def clipped(self, norm: float) -> int:
+        """1 if the call with this pre-clip global norm scaled the grads, 0 if not; -1 where the
+        global norm cannot tell (per-layer and AGC decide per tensor or per unit)."""
+        if self.kind == "none":
+            return 0
+        return int(norm > self.max_norm) if self.mode == "global" else -1
 
     def __call__(self, parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         params = [p for p in parameters if p.grad is not None]
         if self._fn is None:
-            return torch.nn.utils.get_total_norm([p.grad for p in params], self.norm_type)
+            return self._measure(params)
+        pre_norm = None if self._fn_returns_norm else self._measure(params)  # not timed
         t0 = time.perf_counter()
-        norm = self._fn(params, self.max_norm, norm_type=self.norm_type)
+        norm = self._fn(params)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
-        return norm
+        return norm if pre_norm is None else pre_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +215,9 @@ class UpdateLogger:
     ``log_update(step, grad_norm=..., loss=..., ...)`` stores 0-dim device tensors; every
     ``log_every`` updates they are stacked and copied to the host in one transfer, then written
     one CSV row per update to ``<run_dir>/metrics.csv`` (and TensorBoard if importable).
-    ``clipped`` is derived from the pre-clip norm: 1 when the clip call scaled the gradients
-    (``norm > max_norm``; always 0 for ``--clip none``).
+    ``clipped`` is derived from the pre-clip norm (``Clipper.clipped``): 1 when the clip call
+    scaled the gradients (``norm > max_norm``; always 0 for ``--clip none``; -1 for the
+    per-layer and AGC modes, where the global norm does not tell).
 
     Episode returns are host values already (they come from the env), so ``log_episode`` writes
     them straight to ``<run_dir>/episodes.csv``.
@@ -214,7 +281,7 @@ class UpdateLogger:
         gi = dev_keys.index("grad_norm")
         for i, (step, m) in enumerate(self._pending):
             norm = float(table[i, gi])
-            clipped = int(self.clipper.kind != "none" and norm > self.clipper.max_norm)
+            clipped = self.clipper.clipped(norm)
             host_vals = [float(m[k]) for k in host_keys]
             self._metrics_csv.writerow([step, first_update + i + 1, *table[i].tolist(), clipped, *host_vals])
             self.grad_norms.append(norm)
@@ -298,6 +365,7 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         "env_id": args.env_id,
         "seed": args.seed,
         "clip": args.clip,
+        "clip_mode": clipper.mode,
         "max_grad_norm": args.max_grad_norm,
         "eval_episodes": len(eval_returns),
         "eval_return_mean": float(np.mean(eval_returns)),
@@ -307,7 +375,10 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         "updates": logger.updates,
         "clip_calls": clipper.calls,
         "clip_time_s": round(clipper.time_s, 6),
-        "clip_fraction": (float(np.mean(norms > args.max_grad_norm)) if args.clip != "none" and norms.size else 0.0),
+        # the share of updates whose global norm was clipped: global mode only (-1: per-layer and
+        # AGC decide per tensor or per unit, which the global norm does not tell)
+        "clip_fraction": (-1.0 if clipper.clipped(0.0) < 0 else
+                          float(np.mean(norms > args.max_grad_norm)) if args.clip != "none" and norms.size else 0.0),
         "grad_norm_p50": _pct(norms, 50),
         "grad_norm_p99": _pct(norms, 99),
         "grad_norm_max": _pct(norms, 100),
@@ -341,5 +412,7 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
 
 
 def run_name(args, algo: str) -> str:
-    return args.run_name or f"{args.env_id}__{algo}__{args.clip}__s{args.seed}__{int(time.time())}"
+    mode = getattr(args, "clip_mode", "global")
+    clip = args.clip if mode == "global" or args.clip == "none" else f"{args.clip}-{mode}"
+    return args.run_name or f"{args.env_id}__{algo}__{clip}__s{args.seed}__{int(time.time())}"
 

@@ -34,12 +34,18 @@ CUDA_BUILT = LOADED and _C.cuda_built()
 
 # The eager hot path's entry (csrc/py_module.cpp), None without the extension.
 clip_params = _C.clip_params if LOADED else None
+# Those of fastclip/local.py's functions (csrc/local_params.h).
+per_layer_params = _C.per_layer_params if LOADED else None
+agc_params = _C.agc_params if LOADED else None
 
 if LOADED:
     # OpOverload handles: calling these skips the torch.ops attribute lookups.
     total_norm = torch.ops.fastclip.total_norm.default
     scale_ = torch.ops.fastclip.scale_.default
     clip_grad_norm_ = torch.ops.fastclip.clip_grad_norm_.default
+    per_tensor_norms = torch.ops.fastclip.per_tensor_norms.default
+    clip_grad_norm_per_layer_ = torch.ops.fastclip.clip_grad_norm_per_layer_.default
+    adaptive_clip_grad_ = torch.ops.fastclip.adaptive_clip_grad_.default
 
     def _norm_like(grads):
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
@@ -60,6 +66,22 @@ if LOADED:
     def _(grads, max_norm, norm_type, norm_dtype=None):
         norm = _norm_like(grads)
         return norm if norm_dtype is None else norm.to(norm_dtype)
+
+    def _norms_like(tensors):
+        """One norm per tensor: the 1-D result of the per-tensor ops."""
+        return _norm_like(tensors).new_empty((len(tensors),))
+
+    @torch.library.register_fake("fastclip::per_tensor_norms")
+    def _(tensors, norm_type):
+        return _norms_like(tensors)
+
+    @torch.library.register_fake("fastclip::clip_grad_norm_per_layer_")
+    def _(grads, groups, max_norm, norm_type):
+        return _norms_like(grads)
+
+    @torch.library.register_fake("fastclip::adaptive_clip_grad_")
+    def _(params, grads, clip_factor, eps, norm_type):
+        return None
 
 
 def has_kernels(device_type):

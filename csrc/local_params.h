@@ -1,0 +1,89 @@
+// The eager hot paths of fastclip.clip_grad_norm_per_layer_ and
+// fastclip.adaptive_clip_grad_ (fastclip/local.py), as clip_params is for
+// clip_grad_norm_ (py_module.cpp): read each parameter's .grad and check it in
+// C++, then call the op through the C++ dispatcher. On a small model the
+// Python version of this loop costs several times the op itself. Each returns
+// None, touching nothing, when the set is not one the op takes as is (a
+// non-tensor, sparse or non-float grads or params, several devices, a tensor
+// subclass): the Python path then raises the clear error or handles the case.
+// Header-only: included by py_module.cpp, which registers the functions.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "grad_checks.h"
+
+namespace fastclip::local_params {
+
+inline bool has_kernels(const at::Device& d) {
+#ifdef FASTCLIP_WITH_CUDA
+  return d.is_cpu() || d.is_cuda();
+#else
+  return d.is_cpu();
+#endif
+}
+
+inline bool plain(const at::Tensor& t) {
+  return t.layout() == at::kStrided && is_fused_dtype(t.scalar_type()) && !t.key_set().has(c10::DispatchKey::Python);
+}
+
+// The defined grads (and, with `params`, their parameters) of a list of
+// parameters, all plain and on one device with kernels. False: take the Python path.
+inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std::vector<at::Tensor>* params) {
+  grads.reserve(seq.size());
+  if (params != nullptr) params->reserve(seq.size());
+  for (const py::handle item : seq) {
+    if (!THPVariable_Check(item.ptr())) return false;
+    const at::Tensor& p = THPVariable_Unpack(item.ptr());
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    if (!plain(g) || (grads.empty() ? !has_kernels(g.device()) : g.device() != grads[0].device())) return false;
+    if (params != nullptr) {
+      if (!plain(p) || p.device() != g.device() || p.sizes() != g.sizes()) return false;
+      params->push_back(p);
+    }
+    grads.push_back(g);
+  }
+  return !grads.empty();
+}
+
+// clip_grad_norm_per_layer_(params, max_norm, norm_type), one group per grad.
+inline py::object per_layer_params(const py::sequence& seq, double max_norm, double norm_type) {
+  std::vector<at::Tensor> grads;
+  if (!gather(seq, grads, nullptr)) return py::none();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastclip::clip_grad_norm_per_layer_", "")
+                             .typed<at::Tensor(at::TensorList, at::IntArrayRef, double, double)>();
+  at::Tensor norms;
+  {
+    py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;
+    norms = op.call(grads, {}, max_norm, norm_type);
+  }
+  return py::cast(norms);
+}
+
+// adaptive_clip_grad_(params, clip_factor, eps, norm_type). True when done.
+inline bool agc_params(const py::sequence& seq, double clip_factor, double eps, double norm_type) {
+  std::vector<at::Tensor> grads, params;
+  if (!gather(seq, grads, &params)) return false;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastclip::adaptive_clip_grad_", "")
+                             .typed<void(at::TensorList, at::TensorList, double, double, double)>();
+  py::gil_scoped_release no_gil;
+  at::NoGradGuard no_grad;
+  op.call(params, grads, clip_factor, eps, norm_type);
+  return true;
+}
+
+inline void register_functions(py::module_& m) {
+  m.def("per_layer_params", &per_layer_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
+        "Eager hot path of fastclip.clip_grad_norm_per_layer_ (see csrc/local_params.h).");
+  m.def("agc_params", &agc_params, py::arg("params"), py::arg("clip_factor"), py::arg("eps"), py::arg("norm_type"),
+        "Eager hot path of fastclip.adaptive_clip_grad_ (see csrc/local_params.h).");
+}
+
+}  // namespace fastclip::local_params
