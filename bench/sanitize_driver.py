@@ -144,10 +144,24 @@ def exercise_set(name, grads, check):
 
 # Recipes for ops beyond the three above: name -> fn(grads) calling torch.ops.fastclip.<name>.
 # A new op with a simple schema (Tensor[] grads, then floats) needs none: generic_call covers it.
+def _per_layer(grads):
+    """Both forms: one group per grad ([]), and pairs of grads sharing a group."""
+    torch.ops.fastclip.clip_grad_norm_per_layer_([g.clone() for g in grads], [], 0.5, 2.0)
+    torch.ops.fastclip.clip_grad_norm_per_layer_([g.clone() for g in grads], [i // 2 for i in range(len(grads))], 0.5, 2.0)
+
+
+def _agc(grads):
+    """Weights the grads' shapes, so units (rows) of every size are clipped."""
+    params = [torch.randn_like(g) for g in grads]
+    torch.ops.fastclip.adaptive_clip_grad_(params, [g.clone() for g in grads], 0.01, 1e-3, 2.0)
+
+
 OP_RECIPES = {
     "total_norm": None,  # exercised by exercise_set
     "scale_": None,
     "clip_grad_norm_": None,
+    "clip_grad_norm_per_layer_": _per_layer,
+    "adaptive_clip_grad_": _agc,
 }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _local_reference, _ops
 from ._reference import accumulate_dtype
-from .clip import _compiling, _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _fused_ok
+from .clip import _compiling, _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _norm_is_fused
 
 
 def per_tensor_norms(tensors, norm_type=2.0):
@@ -62,7 +62,7 @@ def _gather(groups, n, dtype, device, compute):
 
 def _norms_one_device(tensors, norm_type):
     """Both paths return the accumulation dtype (float32, float64 if any tensor is fp64)."""
-    if _fused_ok(tensors, tensors[0].device, norm_type):
+    if _norm_is_fused(tensors, tensors[0].device, norm_type):
         return _ops.per_tensor_norms(tensors, norm_type)
     return _local_reference.per_tensor_norms(tensors, norm_type)
 
@@ -142,7 +142,7 @@ def clip_grad_norm_per_layer_(parameters, max_norm, norm_type=2.0, by="tensor"):
 
     def clip(positions, gs):
         ids = _dense_ids([layers[i] for i in positions]) if by == "module" else []
-        if _fused_ok(gs, gs[0].device, norm_type):
+        if _norm_is_fused(gs, gs[0].device, norm_type):
             return _ops.clip_grad_norm_per_layer_(gs, ids, max_norm, norm_type)
         return _local_reference.clip_grad_norm_per_layer_(gs, ids, max_norm, norm_type)
 
@@ -207,7 +207,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
     with torch.no_grad():
         for positions, gs in _by_device(grads).values():
             ps = [params[i].detach() for i in positions]
-            if _fused_ok(gs + ps, gs[0].device, norm_type):
+            if _norm_is_fused(gs + ps, gs[0].device, norm_type):
                 _ops.adaptive_clip_grad_(ps, gs, clip_factor, eps, norm_type)
             else:
                 _local_reference.adaptive_clip_grad_(ps, gs, clip_factor, eps, norm_type)
