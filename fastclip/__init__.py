@@ -6,6 +6,7 @@
 __version__ = "0.1.0"
 
 from . import _ops
+from .adaptive import AutoClip, ZClip
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .local import per_tensor_norms
 from .patch import is_patched, patch, unpatch
@@ -22,6 +23,8 @@ def backend():
 
 
 __all__ = [
+    "AutoClip",
+    "ZClip",
     "backend",
     "clip_",
     "clip_grad_norm_",

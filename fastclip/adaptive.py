@@ -10,9 +10,12 @@ backward(), is:
 
 Nothing is read back to the host (unless nonfinite="error"), so a step can be
 compiled with torch.compile(fullgraph=True) or captured in a CUDA graph. The
-state lives in float64 0-dim / 1-D tensors on the grads' device (allocated on
-the first call, then only ever updated in place, so a CUDA graph and
-optimizer.found_inf keep pointing at the right memory). The papers' public
+state lives in float64 1-D tensors on the grads' device (allocated on the
+first call, then only ever updated in place, so a CUDA graph and
+optimizer.found_inf keep pointing at the right memory). Scalars of the state
+are 1-element tensors, not 0-dim: under torch.compile (aot_eager, torch
+2.13) an in-place copy_ into a captured 0-dim float64 CPU tensor is silently
+lost (float32, int64 and 1-element tensors are fine). The papers' public
 implementations read the norm with .item() every step; tests/test_adaptive.py
 holds such references and checks these clippers against them.
 """
@@ -58,14 +61,20 @@ class _AdaptiveClipper:
         self.nonfinite = check_policy(nonfinite, self.name)
         self._state = None  # {name: tensor}, allocated on the first call
         self.found_inf = None  # 0-dim float32: 1.0 when the last norm was inf/NaN
-        self.threshold = None  # 0-dim float64: the max norm the last call clipped to (inf: none)
+        self._threshold = None  # (1,) float64: the max norm the last call clipped to (inf: none)
+
+    @property
+    def threshold(self):
+        """The max norm the last call clipped to (inf: no clipping), a 0-dim float64 view
+        on the device (None before the first call)."""
+        return None if self._threshold is None else self._threshold.reshape(())
 
     # -- subclasses ------------------------------------------------------------------
     def _new_state(self, device):
         raise NotImplementedError
 
     def _step(self, norm, state):
-        """(threshold, coef, new state) from a float64 0-dim norm; pure tensor ops."""
+        """(threshold, coef, new state) from a float64 (1,) norm; pure tensor ops."""
         raise NotImplementedError
 
     def _before_step(self):
@@ -91,7 +100,7 @@ class _AdaptiveClipper:
                 _raise_if_nonfinite(norm, self.norm_type)  # before grads or state are touched
             self._ensure_state(device)
             self._before_step()
-            norm64 = norm.to(_STATE_DTYPE)
+            norm64 = norm.to(_STATE_DTYPE).reshape(1)
             threshold, coef, new_state = self._step(norm64, self._state)
             if self.nonfinite == "skip":
                 finite = torch.isfinite(norm64)
@@ -101,9 +110,9 @@ class _AdaptiveClipper:
             else:
                 for key, old in self._state.items():
                     old.copy_(new_state[key])
-            self.found_inf.copy_(nonfinite_flag(norm64))
-            self.threshold.copy_(threshold)
-            _scale_groups(groups, coef)
+            self.found_inf.copy_(nonfinite_flag(norm))
+            self._threshold.copy_(threshold)
+            _scale_groups(groups, coef.reshape(()))
             return norm.to(_result_dtype(grads))
 
     def _ensure_state(self, device):
@@ -113,7 +122,7 @@ class _AdaptiveClipper:
             self._state = {k: v.to(device) for k, v in self._state.items()}
         if self.found_inf is None or self.found_inf.device != device:
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-            self.threshold = torch.full((), math.inf, dtype=_STATE_DTYPE, device=device)
+            self._threshold = torch.full((1,), math.inf, dtype=_STATE_DTYPE, device=device)
 
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self):
@@ -181,7 +190,7 @@ class AutoClip(_AdaptiveClipper):
     def _new_state(self, device):
         capacity = self.history or self._INITIAL_CAPACITY
         # Unused slots hold +inf: they sort after every real norm.
-        return {"count": torch.zeros((), dtype=torch.int64, device=device),
+        return {"count": torch.zeros(1, dtype=torch.int64, device=device),
                 "norms": torch.full((capacity,), math.inf, dtype=_STATE_DTYPE, device=device)}
 
     def _before_step(self):
@@ -202,16 +211,17 @@ class AutoClip(_AdaptiveClipper):
     def _step(self, norm, state):
         count, norms = state["count"], state["norms"]
         capacity = norms.numel()
-        slot = torch.remainder(count, capacity).reshape(1)
-        norms = norms.scatter(0, slot, norm.reshape(1))
+        slot = torch.remainder(count, capacity)
+        norms = norms.scatter(0, slot, norm)
         held = torch.clamp(count + 1, max=capacity).to(_STATE_DTYPE)
         threshold = _percentile(norms, held, self.percentile)
         return threshold, _torch_coef(threshold, norm), {"count": count + 1, "norms": norms}
 
 
 def _percentile(buffer, held, percentile):
-    """numpy.percentile(buffer[valid], percentile) (method 'linear') on the device, where
-    the `held` valid values are wherever they are and every other slot is +inf."""
+    """numpy.percentile(buffer[valid], percentile) (method 'linear') on the device, as a
+    (1,) tensor, where the `held` ((1,) tensor) valid values are wherever they are and
+    every other slot is +inf."""
     q = percentile / 100.0
     ranked = torch.sort(buffer).values  # +inf padding (and NaN) sort last
     virtual = held * q + (1.0 - q) - 1.0  # numpy's expression for (held - 1) * q
@@ -219,9 +229,8 @@ def _percentile(buffer, held, percentile):
     gamma = virtual - below
     lo = below.to(torch.int64)
     hi = torch.minimum(lo + 1, held.to(torch.int64) - 1)
-    # gather, not ranked[lo]: indexing with a 0-dim tensor would read it back to the host
-    a = ranked.gather(0, lo.reshape(1)).reshape(())
-    b = ranked.gather(0, hi.reshape(1)).reshape(())
+    # gather with (1,) indices: ranked[lo] with a 0-dim tensor index would read it back to the host
+    a, b = ranked.gather(0, lo), ranked.gather(0, hi)
     diff = b - a
     # numpy's _lerp: from the nearer end, so gamma = 1 gives b exactly.
     value = torch.where(gamma >= 0.5, b - diff * (1.0 - gamma), a + diff * gamma)
@@ -263,10 +272,10 @@ class ZClip(_AdaptiveClipper):
                 "max_grad_norm": self.max_grad_norm, "norm_type": self.norm_type}
 
     def _new_state(self, device):
-        zero = torch.zeros((), dtype=_STATE_DTYPE, device=device)
-        return {"count": torch.zeros((), dtype=torch.int64, device=device),
+        return {"count": torch.zeros(1, dtype=torch.int64, device=device),
                 "warmup_norms": torch.zeros(self.warmup_steps, dtype=_STATE_DTYPE, device=device),
-                "mean": zero.clone(), "var": zero.clone()}
+                "mean": torch.zeros(1, dtype=_STATE_DTYPE, device=device),
+                "var": torch.zeros(1, dtype=_STATE_DTYPE, device=device)}
 
     def _step(self, norm, state):
         count, warm, mean, var = state["count"], state["warmup_norms"], state["mean"], state["var"]
@@ -276,8 +285,8 @@ class ZClip(_AdaptiveClipper):
 
         # Warm-up: collect the norm; the last warm-up step starts the EMA from the collection.
         in_warmup = count < w
-        slot = torch.clamp(count, max=w - 1).reshape(1)
-        warm = warm.scatter(0, slot, torch.where(in_warmup, norm.reshape(1), warm.gather(0, slot)))
+        slot = torch.clamp(count, max=w - 1)
+        warm = warm.scatter(0, slot, torch.where(in_warmup, norm, warm.gather(0, slot)))
         starts_now = count == w - 1
         warm_mean = warm.mean()
         warm_var = torch.square(warm - warm_mean).mean()
