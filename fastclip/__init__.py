@@ -9,6 +9,7 @@ from . import _ops
 from .adaptive import AutoClip, ZClip
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .local import per_tensor_norms
+from .monitor import Explosion, GradMonitor
 from .patch import is_patched, patch, unpatch
 
 
@@ -30,7 +31,9 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "Explosion",
     "get_total_norm",
+    "GradMonitor",
     "is_patched",
     "patch",
     "per_tensor_norms",
