@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 CLIP_CHOICES = ("none", "torch", "fastclip")
+# How the threshold is chosen (--clip-mode). The adaptive ones are fastclip.AutoClip / ZClip.
+CLIP_MODES = ("global", "autoclip", "zclip")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,31 +104,56 @@ class Clipper:
       * ``"none"``     - no clipping; the norm is still measured (``get_total_norm``) so the
                          logs show what the gradients did, but that is not a clip call.
 
+    ``mode`` (``--clip-mode``, fastclip only for the adaptive ones):
+      * ``"global"``   - the fixed ``max_norm``
+      * ``"autoclip"`` - ``fastclip.AutoClip()``: the 10th percentile of all norms so far
+      * ``"zclip"``    - ``fastclip.ZClip()``: clip z-score spikes against an EMA (25 warm-up updates)
+    ``threshold`` is then the device tensor of the threshold the last call used.
+
+    ``monitor``: a ``fastclip.GradMonitor`` (``--monitor``), recorded before every clip call.
+
     ``calls`` counts calls to the clip function and ``time_s`` is the host wall time spent inside
     them. On CUDA both clip functions only enqueue kernels, so ``time_s`` there is launch
     overhead, not kernel time (no synchronisation is added here on purpose).
     """
 
-    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0):
+    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0, mode: str = "global", monitor=None):
         if kind not in CLIP_CHOICES:
             raise ValueError(f"clip must be one of {CLIP_CHOICES}, got {kind!r}")
-        self.kind, self.max_norm, self.norm_type = kind, float(max_norm), float(norm_type)
+        if mode not in CLIP_MODES or (mode != "global" and kind != "fastclip"):
+            raise ValueError(f"clip mode must be one of {CLIP_MODES} (autoclip/zclip with --clip fastclip), "
+                             f"got {mode!r} with --clip {kind}")
+        self.kind, self.max_norm, self.norm_type, self.mode = kind, float(max_norm), float(norm_type), mode
         self.calls, self.time_s = 0, 0.0
+        self.adaptive, self.monitor = None, monitor
         if kind == "fastclip":
             import fastclip  # imported lazily so --clip torch/none work without the extension
 
             self._fn = fastclip.clip_grad_norm_
+            if mode == "autoclip":
+                self.adaptive = fastclip.AutoClip(norm_type=norm_type)
+            elif mode == "zclip":
+                self.adaptive = fastclip.ZClip(norm_type=norm_type)
         elif kind == "torch":
             self._fn = torch.nn.utils.clip_grad_norm_
         else:
             self._fn = None
 
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        return None if self.adaptive is None else self.adaptive.threshold
+
     def __call__(self, parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         params = [p for p in parameters if p.grad is not None]
+        if self.monitor is not None:
+            self.monitor.record()  # the raw per-layer norms, before any clipping
         if self._fn is None:
             return torch.nn.utils.get_total_norm([p.grad for p in params], self.norm_type)
         t0 = time.perf_counter()
-        norm = self._fn(params, self.max_norm, norm_type=self.norm_type)
+        if self.adaptive is not None:
+            norm = self.adaptive(params)
+        else:
+            norm = self._fn(params, self.max_norm, norm_type=self.norm_type)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
         return norm
@@ -170,6 +197,7 @@ class UpdateLogger:
         self._episodes_csv.writerow(["global_step", "episodic_return", "episodic_length"])
         self.updates = 0
         self.grad_norms: list[float] = []  # every pre-clip norm, on the host (after flushes)
+        self.clipped: list[int] = []  # per update: 1 when the clip call scaled the gradients
         self.norm_steps: list[int] = []
         self.entropy: list[float] = []  # policy entropy per update (A2C/REINFORCE), for the summary curve
         self.ep_steps: list[int] = []
@@ -179,6 +207,8 @@ class UpdateLogger:
 
     def log_update(self, global_step: int, **metrics) -> None:
         """``metrics`` must include ``grad_norm``; values: 0-dim tensors (kept on device) or floats."""
+        if self.clipper.threshold is not None:  # adaptive modes: this update's threshold (a device copy)
+            metrics["clip_threshold"] = self.clipper.threshold.clone()
         self._pending.append((global_step, metrics))
         self.updates += 1
         if len(self._pending) >= self.log_every:
@@ -214,7 +244,10 @@ class UpdateLogger:
         gi = dev_keys.index("grad_norm")
         for i, (step, m) in enumerate(self._pending):
             norm = float(table[i, gi])
-            clipped = int(self.clipper.kind != "none" and norm > self.clipper.max_norm)
+            limit = float(table[i, dev_keys.index("clip_threshold")]) if "clip_threshold" in dev_keys \
+                else self.clipper.max_norm
+            clipped = int(self.clipper.kind != "none" and norm > limit)
+            self.clipped.append(clipped)
             host_vals = [float(m[k]) for k in host_keys]
             self._metrics_csv.writerow([step, first_update + i + 1, *table[i].tolist(), clipped, *host_vals])
             self.grad_norms.append(norm)
@@ -307,7 +340,8 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         "updates": logger.updates,
         "clip_calls": clipper.calls,
         "clip_time_s": round(clipper.time_s, 6),
-        "clip_fraction": (float(np.mean(norms > args.max_grad_norm)) if args.clip != "none" and norms.size else 0.0),
+        "clip_mode": clipper.mode,
+        "clip_fraction": float(np.mean(logger.clipped)) if logger.clipped else 0.0,
         "grad_norm_p50": _pct(norms, 50),
         "grad_norm_p99": _pct(norms, 99),
         "grad_norm_max": _pct(norms, 100),
@@ -327,6 +361,8 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         summary["curves"]["entropy"] = _binned(logger.norm_steps, logger.entropy)
     if extra:
         summary.update(extra)
+    if clipper.monitor is not None:
+        summary["monitor"] = finish_monitor(clipper.monitor, logger.run_dir)
     if args.clip == "fastclip":
         import fastclip  # already imported by the Clipper
 
@@ -338,6 +374,24 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         with open(path, "w") as f:
             f.write(text + "\n")
     return summary
+
+
+def make_monitor(enabled: bool, named_parameters, run_dir: str, every: int = 100):
+    """``--monitor``: a fastclip.GradMonitor over ``named_parameters`` (a module or (name, param)
+    pairs) writing grad_norms.csv / explosions.csv into the run folder, or None."""
+    if not enabled:
+        return None
+    import fastclip
+
+    return fastclip.GradMonitor(named_parameters, every=every, log_dir=run_dir)
+
+
+def finish_monitor(monitor, run_dir: str) -> dict:
+    """Flush, draw ``grad_norms.png`` in the run folder, and summarise the explosions found."""
+    monitor.close()
+    png = monitor.plot(os.path.join(run_dir, "grad_norms.png"))
+    return {"png": png, "explosions": len(monitor.explosions),
+            "first_explosions": [str(e) for e in monitor.explosions[:5]]}
 
 
 def run_name(args, algo: str) -> str:

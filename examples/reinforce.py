@@ -28,7 +28,7 @@ from torch.distributions import Categorical
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, evaluate, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
+from common import Clipper, UpdateLogger, evaluate, make_monitor, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
 
 
 @dataclass
@@ -45,6 +45,12 @@ class Args:
     """gradient clipping: fastclip.clip_grad_norm_, torch.nn.utils.clip_grad_norm_, or none"""
     max_grad_norm: float = 1.0
     """max global L2 norm of the gradients"""
+    clip_mode: Literal["global", "autoclip", "zclip"] = "global"
+    """threshold: global (--max-grad-norm), autoclip (fastclip.AutoClip: 10th percentile of all norms
+    so far) or zclip (fastclip.ZClip: z-score spikes against an EMA); the last two need --clip fastclip"""
+    monitor: bool = False
+    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
+    explosions.csv and grad_norms.png in the run folder"""
     summary_json: Optional[str] = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = mlp(obs_dim, 1, args.hidden, out_std=1.0).to(device)
     params = list(policy.parameters()) + list(baseline.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    clipper = Clipper(args.clip, args.max_grad_norm)
+    named = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + \
+        [(f"baseline.{n}", p) for n, p in baseline.named_parameters()]
+    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode,
+                      monitor=make_monitor(args.monitor, named, run_dir, args.log_every))
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
 
     obs, _ = env.reset(seed=args.seed)
