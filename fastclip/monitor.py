@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import _local_reference
 from .clip import _check_norm_type
 from .local import per_tensor_norms
 
@@ -62,6 +63,15 @@ def _named_parameters(model):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"fastclip.GradMonitor: parameter {i} ({name!r}) is a {type(p).__name__}, not a Tensor")
     return named
+
+
+def _has_fused_norms(device):
+    if device.type == "cpu":
+        return True
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastclip::per_tensor_norms", device.type.upper())
+    except Exception:  # noqa: BLE001 - extension not loaded, or an unknown dispatch key
+        return False
 
 
 def _tensorboard_writer(log_dir):
@@ -102,6 +112,10 @@ class GradMonitor:
         self.on_explosion = on_explosion
         device = self._params[0].device
         n = len(self._params)
+        # The fused per-tensor norms op has no kernel on every device yet (CPU only when this
+        # was written): elsewhere the pure-torch path (one norm call per tensor) stands in.
+        self._per_tensor_norms = per_tensor_norms if _has_fused_norms(device) else (
+            lambda ts, p: _local_reference.per_tensor_norms(ts, p))
         # The device side: a ring of `every` rows and the count of record() calls.
         self._norms = torch.zeros(every, n, dtype=torch.float32, device=device)
         self._steps = torch.zeros(every, dtype=torch.int64, device=device)
@@ -135,7 +149,7 @@ class GradMonitor:
         with torch.no_grad():
             row = torch.full((len(grads),), _NO_GRAD, dtype=torch.float32, device=self._norms.device)
             if present:
-                norms = per_tensor_norms([grads[i] for i in present], self.norm_type)
+                norms = self._per_tensor_norms([grads[i] for i in present], self.norm_type)
                 norms = norms.to(self._norms.device, torch.float32)
                 if len(present) == len(grads):
                     row = norms
