@@ -260,7 +260,9 @@ class UpdateLogger:
                 self.tb.add_scalar("train/clipped", clipped, step)
                 for k, v in zip(host_keys, host_vals):
                     self.tb.add_scalar(f"train/{k}", v, step)
-        if not np.isfinite(table).all():
+        # (an adaptive threshold of inf is no divergence: ZClip reports inf when it did not clip)
+        watched = [j for j, k in enumerate(dev_keys) if k != "clip_threshold"]
+        if not np.isfinite(table[:, watched]).all():
             self.nonfinite = True
         self.last = {k: float(table[-1, j]) for j, k in enumerate(dev_keys)}
         self._pending.clear()

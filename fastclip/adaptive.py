@@ -21,6 +21,7 @@ holds such references and checks these clippers against them.
 """
 import math
 
+import numpy as np
 import torch
 
 from . import _reference
@@ -77,6 +78,11 @@ class _AdaptiveClipper:
         """(threshold, coef, new state) from a float64 (1,) norm; pure tensor ops."""
         raise NotImplementedError
 
+    def _host_step(self, norm, state, commit):
+        """The same step on host floats, for CPU state in eager mode: (threshold, coef);
+        writes the new state into `state` (numpy views of the state tensors) if `commit`."""
+        raise NotImplementedError
+
     def _before_step(self):
         """Host-side bookkeeping that needs no device value (AutoClip's buffer growth)."""
 
@@ -100,6 +106,9 @@ class _AdaptiveClipper:
                 _raise_if_nonfinite(norm, self.norm_type)  # before grads or state are touched
             self._ensure_state(device)
             self._before_step()
+            if device.type == "cpu" and self._HOST_PATH_ON_CPU and not torch.compiler.is_compiling():
+                self._call_on_host(norm, groups)
+                return norm.to(_result_dtype(grads))
             norm64 = norm.to(_STATE_DTYPE).reshape(1)
             threshold, coef, new_state = self._step(norm64, self._state)
             if self.nonfinite == "skip":
@@ -114,6 +123,22 @@ class _AdaptiveClipper:
             self._threshold.copy_(threshold)
             _scale_groups(groups, coef.reshape(()))
             return norm.to(_result_dtype(grads))
+
+    # On CPU the state already is host memory: reading it is no sync, and ~50 one-element
+    # tensor ops (~3 us each in eager mode) would cost more than the clip. The same algorithm
+    # on Python floats then runs instead (tests check both paths against the references).
+    _HOST_PATH_ON_CPU = True
+
+    def _call_on_host(self, norm, groups):
+        n = float(norm)
+        finite = math.isfinite(n)
+        skip = self.nonfinite == "skip" and not finite
+        state = {k: v.numpy() for k, v in self._state.items()}  # views: writes land in the tensors
+        threshold, coef = self._host_step(n, state, commit=not skip)
+        self.found_inf.numpy()[...] = 0.0 if finite else 1.0
+        self._threshold.numpy()[0] = threshold
+        if not skip and coef != 1.0:  # a coefficient of exactly 1 stores nothing on either path
+            _scale_groups(groups, torch.tensor(coef, dtype=_STATE_DTYPE))
 
     def _ensure_state(self, device):
         if self._state is None:
@@ -208,6 +233,18 @@ class AutoClip(_AdaptiveClipper):
             grown[: norms.numel()].copy_(norms)
             self._state["norms"] = grown
 
+    def _host_step(self, norm, state, commit):
+        count, norms = int(state["count"][0]), state["norms"]
+        slot, held = count % norms.size, min(count + 1, norms.size)
+        window = norms[:held].copy()  # slots fill from 0, so the held norms are the first ones
+        window[slot] = norm
+        with np.errstate(invalid="ignore"):  # inf - inf inside numpy's interpolation: NaN, as on the device
+            threshold = float(np.percentile(window, self.percentile))
+        if commit:
+            norms[slot] = norm
+            state["count"][0] = count + 1
+        return threshold, min(threshold / (norm + _EPS), 1.0)
+
     def _step(self, norm, state):
         count, norms = state["count"], state["norms"]
         capacity = norms.numel()
@@ -276,6 +313,35 @@ class ZClip(_AdaptiveClipper):
                 "warmup_norms": torch.zeros(self.warmup_steps, dtype=_STATE_DTYPE, device=device),
                 "mean": torch.zeros(1, dtype=_STATE_DTYPE, device=device),
                 "var": torch.zeros(1, dtype=_STATE_DTYPE, device=device)}
+
+    def _host_step(self, norm, state, commit):
+        count, mean, var = int(state["count"][0]), float(state["mean"][0]), float(state["var"][0])
+        w, zt, alpha = self.warmup_steps, self.z_thresh, self.alpha
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        if count < w:
+            coef = 1.0 if self.max_grad_norm is None else min(self.max_grad_norm / (norm + _EPS), 1.0)
+            if commit:
+                state["warmup_norms"][count] = norm
+                if count == w - 1:
+                    collected = [float(x) for x in state["warmup_norms"]]
+                    mean = sum(collected) / w
+                    var = sum((x - mean) ** 2 for x in collected) / w
+            threshold = cap
+        else:
+            std = var ** 0.5
+            z = (norm - mean) / (std + _EPS)
+            spike = z > zt
+            clip_to = mean + (zt * std) / (z / zt) if spike else math.nan
+            limit = min(clip_to if spike else norm, cap)
+            coef = limit / (norm + _EPS) if norm > limit else 1.0
+            x = clip_to if spike else norm
+            mean = alpha * mean + (1.0 - alpha) * x
+            var = alpha * var + (1.0 - alpha) * (x - mean) ** 2
+            threshold = min(clip_to, cap) if spike else cap
+        if commit:
+            state["count"][0] = count + 1
+            state["mean"][0], state["var"][0] = mean, var
+        return threshold, coef
 
     def _step(self, norm, state):
         count, warm, mean, var = state["count"], state["warmup_norms"], state["mean"], state["var"]

@@ -18,6 +18,14 @@ from helpers import FUSED_DTYPES
 SHAPES = [(16, 8), (8,), (4, 4, 3), (5,)]
 
 
+@pytest.fixture(params=["host", "tensor"])
+def path(request, monkeypatch):
+    """Both implementations of a step on CPU grads: Python floats on the host (the eager
+    default there) and the device tensor ops (what CUDA, torch.compile and graphs run)."""
+    monkeypatch.setattr(fastclip.adaptive._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
+    return request.param
+
+
 def norm_sequence(steps, seed, spikes=()):
     """Log-normal norms around 1 with planted spikes {step: factor}."""
     seq = np.exp(np.random.default_rng(seed).normal(0.0, 0.3, steps))
@@ -90,7 +98,7 @@ AUTOCLIP_CASES = [dict(), dict(percentile=50.0), dict(percentile=100.0), dict(pe
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("kwargs", AUTOCLIP_CASES, ids=repr)
-def test_autoclip_matches_the_paper(dtype, kwargs):
+def test_autoclip_matches_the_paper(dtype, kwargs, path):
     seq = norm_sequence(40, seed=1, spikes={0: 30.0, 3: 50.0, 20: 1e3, 21: 1e-3})
     rows, err_fast, err_ref = run_against_reference(
         lambda: fastclip.AutoClip(**kwargs), lambda: ReferenceAutoClip(**kwargs), dtype, seq)
@@ -106,7 +114,7 @@ ZCLIP_CASES = [dict(), dict(warmup_steps=1), dict(warmup_steps=5, z_thresh=1.0, 
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("kwargs", ZCLIP_CASES, ids=repr)
-def test_zclip_matches_the_paper(dtype, kwargs):
+def test_zclip_matches_the_paper(dtype, kwargs, path):
     w = kwargs.get("warmup_steps", 25)
     # Spikes inside the warm-up, on its last step, right after it, and twice in a row later.
     seq = norm_sequence(w + 40, seed=2, spikes={0: 5.0, w - 1: 8.0, w: 20.0, w + 1: 6.0, w + 15: 100.0,
@@ -118,7 +126,7 @@ def test_zclip_matches_the_paper(dtype, kwargs):
     assert w in spikes and w + 15 in spikes  # the planted spikes after warm-up were clipped
 
 
-def test_comparison_can_fail():
+def test_comparison_can_fail(path):
     """Negative controls: a wrong percentile, and ZClip's EMA fed the raw norm, are caught."""
     seq = norm_sequence(40, seed=1, spikes={20: 1e3})
     rows, ef, er = run_against_reference(lambda: fastclip.AutoClip(percentile=10.0),
@@ -133,7 +141,7 @@ def test_comparison_can_fail():
         assert_matches(rows, torch.float64, ef, er)
 
 
-def test_autoclip_unbounded_history_grows_on_the_device(monkeypatch):
+def test_autoclip_unbounded_history_grows_on_the_device(monkeypatch, path):
     """history=None keeps every norm: the buffer doubles (from 4 here) and still matches."""
     monkeypatch.setattr(fastclip.AutoClip, "_INITIAL_CAPACITY", 4)
     seq = norm_sequence(37, seed=3, spikes={2: 40.0})
@@ -144,7 +152,7 @@ def test_autoclip_unbounded_history_grows_on_the_device(monkeypatch):
     assert clipper[0].state_dict()["state"]["norms"].numel() == 64
 
 
-def test_mixed_dtypes_and_missing_grads():
+def test_mixed_dtypes_and_missing_grads(path):
     """A model mixing fp32 and bf16 grads, one param without a grad: as the reference on fp64 copies."""
     params = [torch.nn.Parameter(torch.zeros(6, 4)), torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16)),
               torch.nn.Parameter(torch.zeros(3))]
@@ -172,7 +180,7 @@ def test_no_grads_changes_nothing():
 @pytest.mark.parametrize("make", [lambda: fastclip.AutoClip(percentile=25.0), lambda: fastclip.AutoClip(history=5),
                                   lambda: fastclip.ZClip(warmup_steps=4)], ids=["autoclip", "autoclip-ring", "zclip"])
 @pytest.mark.parametrize("resume_at", [0, 2, 9])
-def test_state_dict_round_trip(make, resume_at):
+def test_state_dict_round_trip(make, resume_at, path):
     seq = norm_sequence(20, seed=5, spikes={12: 50.0})
     params, resumed_params = make_params(torch.float32), make_params(torch.float32)
     original = make()
@@ -197,7 +205,7 @@ def test_load_state_dict_rejects_other_hyperparameters():
         fastclip.ZClip(alpha=0.9).load_state_dict(fastclip.ZClip(alpha=0.97).state_dict())
 
 
-def test_load_state_dict_keeps_found_inf_object():
+def test_load_state_dict_keeps_found_inf_object(path):
     """Loading in place keeps the tensors a fused optimizer (or a CUDA graph) points at."""
     params = make_params(torch.float32)
     clipper = fastclip.ZClip(warmup_steps=2)
@@ -216,7 +224,7 @@ def test_load_state_dict_keeps_found_inf_object():
 @pytest.mark.parametrize("make_pair", [
     lambda: (fastclip.AutoClip(percentile=50.0, history=6), ReferenceAutoClip(percentile=50.0, history=6)),
     lambda: (fastclip.ZClip(warmup_steps=3), ReferenceZClip(warmup_steps=3))], ids=["autoclip", "zclip"])
-def test_torch_policy_follows_the_reference(bad, make_pair):
+def test_torch_policy_follows_the_reference(bad, make_pair, path):
     """Default: the non-finite norm goes through the paper's algorithm and torch's formula."""
     seq = norm_sequence(16, seed=6)
     seq[5] = bad
@@ -236,7 +244,7 @@ def test_torch_policy_follows_the_reference(bad, make_pair):
 @pytest.mark.parametrize("make", [lambda **k: fastclip.AutoClip(history=6, **k),
                                   lambda **k: fastclip.ZClip(warmup_steps=3, **k)], ids=["autoclip", "zclip"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_skip_policy_leaves_grads_and_state_untouched(make, bad):
+def test_skip_policy_leaves_grads_and_state_untouched(make, bad, path):
     """nonfinite='skip': the bad step changes nothing and sets found_inf; the run then
     continues exactly as a run that never saw that step."""
     seq = norm_sequence(14, seed=7, spikes={9: 30.0})
@@ -263,7 +271,7 @@ def test_skip_policy_leaves_grads_and_state_untouched(make, bad):
             assert torch.equal(a.grad, b.grad)
 
 
-def test_skip_leaves_grads_bitwise_untouched_with_inf():
+def test_skip_leaves_grads_bitwise_untouched_with_inf(path):
     """An inf grad is not multiplied (inf * coef would turn the zeros' neighbours... into NaN)."""
     params = make_params(torch.float32)
     set_grads(params, 0, 1.0)
@@ -276,7 +284,7 @@ def test_skip_leaves_grads_bitwise_untouched_with_inf():
 
 @pytest.mark.parametrize("make", [lambda: fastclip.AutoClip(nonfinite="error"),
                                   lambda: fastclip.ZClip(warmup_steps=2, nonfinite="error")], ids=["autoclip", "zclip"])
-def test_error_policy_raises_before_touching_anything(make):
+def test_error_policy_raises_before_touching_anything(make, path):
     clipper = make()
     params = make_params(torch.float32)
     for step in range(3):
@@ -290,7 +298,7 @@ def test_error_policy_raises_before_touching_anything(make):
         assert torch.equal(v, clipper.state_dict()["state"][k]), k
 
 
-def test_skip_policy_drives_a_fused_optimizer():
+def test_skip_policy_drives_a_fused_optimizer(path):
     """optimizer.found_inf = clipper.found_inf: Adam(fused=True) skips its step on the
     device when the norm was non-finite (params, moments and step count unchanged) and
     steps normally otherwise, exactly as an Adam that only saw the finite steps."""
@@ -437,9 +445,10 @@ def test_bad_grads_raise_before_state_exists(make):
                                   lambda: fastclip.ZClip(warmup_steps=3, max_grad_norm=2.0),
                                   lambda: fastclip.ZClip(warmup_steps=3, nonfinite="skip")],
                          ids=["autoclip", "zclip", "zclip-skip"])
-def test_step_compiles_fullgraph(make):
+def test_step_compiles_fullgraph(make, path):
     """torch.compile(fullgraph=True) fails on any host read (.item(), bool(tensor),
-    indexing with a 0-dim tensor...): the compiled step matches the eager one."""
+    indexing with a 0-dim tensor...): the compiled step (the tensor path) matches the
+    eager one (either path)."""
     torch._dynamo.reset()
     compiled_clipper, eager = make(), make()
     params, eager_params = make_params(torch.float32), make_params(torch.float32)
