@@ -23,8 +23,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {"none": "tab:red", "torch": "tab:blue", "fastclip": "tab:green"}
-ORDER = ["none", "torch", "fastclip"]
+COLORS = {"none": "tab:red", "torch": "tab:blue", "fastclip": "tab:green", "autoclip": "tab:purple",
+          "zclip": "tab:orange"}
+ORDER = ["none", "torch", "fastclip", "autoclip", "zclip"]
+
+
+def variant(summary: dict) -> str:
+    """The row / curve a run belongs to: its --clip, or its --clip-mode when that is adaptive."""
+    mode = summary.get("clip_mode", "global")
+    return summary["clip"] if mode == "global" else mode
 
 
 def _interp(curve: dict, key: str, grid: np.ndarray) -> np.ndarray:
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.summaries:
         with open(path) as f:
             s = json.load(f)
-        runs[s["algo"]][s["clip"]].append(s)
+        runs[s["algo"]][variant(s)].append(s)
 
     algos = sorted(runs)
     if args.table:
