@@ -20,11 +20,15 @@ needs_extension = pytest.mark.skipif(fastclip.backend() == "python", reason="ext
     "name", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 )
 def test_signatures_match_torch(name):
+    """torch's parameters, in torch's order, with its defaults and kinds; fastclip's own
+    additions (clip_grad_norm_'s nonfinite= and found_inf=, issue 13) only keyword-only after them."""
     ours = inspect.signature(getattr(fastclip, name))
     theirs = inspect.signature(getattr(torch.nn.utils, name))
-    assert list(ours.parameters) == list(theirs.parameters)
+    assert list(ours.parameters)[: len(theirs.parameters)] == list(theirs.parameters)
     for a, b in zip(ours.parameters.values(), theirs.parameters.values()):
         assert a.default == b.default and a.kind == b.kind
+    extra = list(ours.parameters.values())[len(theirs.parameters):]
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in extra), extra
 
 
 def test_clip_is_an_alias_and_keywords_work():
