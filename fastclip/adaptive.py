@@ -9,7 +9,9 @@ backward(), is:
     state update       in-place copies into the same state tensors
 
 Nothing is read back to the host (unless nonfinite="error"), so a step can be
-compiled with torch.compile(fullgraph=True) or captured in a CUDA graph. The
+compiled with torch.compile(fullgraph=True) or captured in a CUDA graph. (On
+CPU in eager mode the state is host memory already and the same step runs on
+Python floats instead, see _call_on_host: cheaper there, and no sync to avoid.) The
 state lives in float64 1-D tensors on the grads' device (allocated on the
 first call, then only ever updated in place, so a CUDA graph and
 optimizer.found_inf keep pointing at the right memory). Scalars of the state
@@ -24,7 +26,6 @@ import math
 import numpy as np
 import torch
 
-from . import _reference
 from .clip import (_check_grads, _check_max_norm, _check_norm_type, _combine_norms, _device_norms,
                    _grads_of, _group_by_device, _raise_if_nonfinite, _result_dtype, _scale_groups)
 from .nonfinite import check_policy, nonfinite_flag, skip_if_nonfinite

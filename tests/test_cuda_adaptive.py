@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 import fastclip  # noqa: E402
 from adaptive_reference import ReferenceAutoClip, ReferenceZClip  # noqa: E402
-from test_adaptive import SHAPES, copy_grads, norm_sequence, set_grads  # noqa: E402
+from test_adaptive import SHAPES, norm_sequence, set_grads  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
