@@ -169,8 +169,10 @@ class GradMonitor:
         """Bring the unflushed rows to the host (one sync), write them out, scan them for
         explosions. Returns the explosions found in them."""
         self._unflushed = 0
-        count = int(self._count.cpu())
-        norms, steps = self._norms.cpu().numpy(), self._steps.cpu().numpy()
+        # One transfer: count, step numbers and norms packed in float64 (exact for all three).
+        packed = torch.cat([self._count.double(), self._steps.double(), self._norms.double().flatten()]).cpu().numpy()
+        count, steps = int(packed[0]), packed[1:1 + self.every].astype(np.int64)
+        norms = packed[1 + self.every:].reshape(self.every, -1)
         new = count - self._flushed
         if new > self.every:
             warnings.warn(f"fastclip.GradMonitor: {new - self.every} steps were overwritten before a flush "
@@ -180,7 +182,7 @@ class GradMonitor:
         for step in range(count - new, count):
             slot = step % self.every
             assert steps[slot] == step
-            found.extend(self._take_row(step, norms[slot].astype(np.float64)))
+            found.extend(self._take_row(step, norms[slot]))
         self._flushed = count
         for f in (getattr(self, "_csv_file", None), getattr(self, "_events_file", None)):
             if f is not None:
