@@ -479,3 +479,19 @@ def test_compile_control_a_host_read_breaks_the_graph():
     ref = ReferenceAutoClip()
     with pytest.raises(Exception):
         torch.compile(lambda: ref.step(params), fullgraph=True, backend="aot_eager")()
+
+
+def test_clip_grad_norm_skip_compiles_fullgraph():
+    """The function's skip policy reads nothing back either."""
+    torch._dynamo.reset()
+    params, twin = make_params(torch.float32), make_params(torch.float32)
+    found_inf = torch.zeros(())
+    step_fn = torch.compile(lambda: fastclip.clip_grad_norm_(params, 1.0, nonfinite="skip", found_inf=found_inf),
+                            fullgraph=True, backend="aot_eager")
+    for step, target in enumerate([5.0, math.nan, 0.5]):
+        set_grads(params, step, target)
+        copy_grads(params, twin)
+        torch.testing.assert_close(step_fn(), fastclip.clip_grad_norm_(twin, 1.0, nonfinite="skip"), equal_nan=True)
+        assert float(found_inf) == float(not math.isfinite(target))
+        for a, b in zip(params, twin):
+            torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
