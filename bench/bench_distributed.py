@@ -42,8 +42,9 @@ if not __package__:
 
 import torch  # noqa: E402
 
-from bench.bench_cpu import (  # noqa: E402
-    CASES, DTYPES, OtherLoad, NOISY_CORES, _stats, command_line, environment_info, import_fastclip, warn_backend)
+from bench.bench_cpu import CASES, DTYPES  # noqa: E402
+from bench.common import (  # noqa: E402
+    NOISY_CORES, OtherLoad, command_line, environment_info, import_fastclip, stats, warn_backend)
 from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
 
 BENCH_CASES = ("cnn", "gpt2")
@@ -184,7 +185,7 @@ def worker(rank, world, store, args):
             gathered = [None] * world
             dist.all_gather_object(gathered, samples)
             slowest = {name: [max(g[name][i] for g in gathered) for i in range(args.repeats)] for name in samples}
-            row["times"] = {name: _stats(xs) for name, xs in slowest.items()}
+            row["times"] = {name: stats(xs) for name, xs in slowest.items()}
             row["per_rank_median_us"] = {name: [statistics.median(g[name]) for g in gathered] for name in samples}
             row["speedup"] = row["times"]["torch"]["median_us"] / row["times"]["fastclip"]["median_us"]
             loads = [None] * world

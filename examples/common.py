@@ -93,7 +93,10 @@ def setup_torch(num_threads: int) -> None:
 # --------------------------------------------------------------------------------------------
 # gradient clipping
 # --------------------------------------------------------------------------------------------
-CLIP_MODES = ("global", "per-layer", "agc")
+# What is clipped and by what threshold (--clip-mode): see Clipper. The adaptive thresholds are
+# fastclip.AutoClip / ZClip, fastclip only.
+ADAPTIVE_MODES = ("autoclip", "zclip")
+CLIP_MODES = ("global", "per-layer", "agc", *ADAPTIVE_MODES)
 
 
 def torch_per_layer_clip_(params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -131,7 +134,12 @@ def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_fact
             "per-layer": lambda ps: torch.linalg.vector_norm(
                 fastclip.clip_grad_norm_per_layer_(ps, max_norm, norm_type), norm_type),
             "agc": lambda ps: fastclip.adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
+            # stateful clippers: called as clip(params), they return the norm and keep .threshold
+            "autoclip": (lambda: fastclip.AutoClip(norm_type=norm_type)),
+            "zclip": (lambda: fastclip.ZClip(norm_type=norm_type)),
         }
+        if mode in ADAPTIVE_MODES:
+            return clip[mode](), measure
     else:
         measure = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps], norm_type)  # noqa: E731
         clip = {
@@ -152,16 +160,22 @@ class Clipper:
       * ``"none"``     - no clipping; the norm is still measured (torch's ``get_total_norm``) so the
                          logs show what the gradients did, but that is not a clip call.
 
-    ``mode`` (``--clip-mode``), the same for both kinds (see ``_clip_fn``):
+    ``mode`` (``--clip-mode``), the same for both kinds where both exist (see ``_clip_fns``):
       * ``"global"``    - one norm over all grads: ``clip_grad_norm_`` (fastclip's or torch's)
       * ``"per-layer"`` - each grad clipped by its own norm: ``fastclip.clip_grad_norm_per_layer_``,
                           or torch's ``clip_grad_norm_`` called once per parameter
       * ``"agc"``       - unit-wise adaptive clipping (``clip_factor``): ``fastclip.adaptive_clip_grad_``,
                           or the timm-style loop ``torch_adaptive_clip_grad_``; the global norm for
                           the logs is measured first (``get_total_norm``, not timed)
+      * ``"autoclip"``  - ``fastclip.AutoClip()``: the 10th percentile of all norms so far (fastclip only)
+      * ``"zclip"``     - ``fastclip.ZClip()``: clip z-score spikes against an EMA, 25 warm-up updates
+                          (fastclip only)
+    ``threshold`` is then the device tensor of the threshold the last call used (adaptive modes).
 
     Per-layer and AGC modes use the same ``max_norm`` / ``clip_factor`` for every trainer; the
     defaults were tuned for global clipping, so compare modes, not absolute returns.
+
+    ``monitor``: a ``fastclip.GradMonitor`` (``--monitor``), recorded before every clip call.
 
     ``calls`` counts calls to the clip function and ``time_s`` is the host wall time spent inside
     them. On CUDA both clip functions only enqueue kernels, so ``time_s`` there is launch
@@ -169,25 +183,34 @@ class Clipper:
     """
 
     def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0, mode: str = "global",
-                 clip_factor: float = 0.01):
+                 clip_factor: float = 0.01, monitor=None):
         if kind not in CLIP_CHOICES:
             raise ValueError(f"clip must be one of {CLIP_CHOICES}, got {kind!r}")
-        if mode not in CLIP_MODES:
-            raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+        if mode not in CLIP_MODES or (mode in ADAPTIVE_MODES and kind != "fastclip"):
+            raise ValueError(f"clip mode must be one of {CLIP_MODES} ({'/'.join(ADAPTIVE_MODES)} with "
+                             f"--clip fastclip), got {mode!r} with --clip {kind}")
         self.kind, self.mode, self.max_norm, self.norm_type = kind, mode, float(max_norm), float(norm_type)
         self.calls, self.time_s = 0, 0.0
+        self.monitor = monitor
         self._fn, self._measure = _clip_fns(kind, mode, self.max_norm, self.norm_type, clip_factor)
         self._fn_returns_norm = mode != "agc"
 
-    def clipped(self, norm: float) -> int:
-        """1 if the call with this pre-clip global norm scaled the grads, 0 if not; -1 where the
-        global norm cannot tell (per-layer and AGC decide per tensor or per unit)."""
+    def clipped(self, norm: float, limit: float) -> int:
+        """1 if the call with this pre-clip global norm and threshold scaled the grads, 0 if not;
+        -1 where the global norm cannot tell (per-layer and AGC decide per tensor or per unit)."""
         if self.kind == "none":
             return 0
-        return int(norm > self.max_norm) if self.mode == "global" else -1
+        return -1 if self.mode in ("per-layer", "agc") else int(norm > limit)
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        """The adaptive modes' threshold of the last call (a device tensor), else None."""
+        return getattr(self._fn, "threshold", None)
 
     def __call__(self, parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         params = [p for p in parameters if p.grad is not None]
+        if self.monitor is not None:
+            self.monitor.record()  # the raw per-layer norms, before any clipping
         if self._fn is None:
             return self._measure(params)
         pre_norm = None if self._fn_returns_norm else self._measure(params)  # not timed
@@ -237,6 +260,7 @@ class UpdateLogger:
         self._episodes_csv.writerow(["global_step", "episodic_return", "episodic_length"])
         self.updates = 0
         self.grad_norms: list[float] = []  # every pre-clip norm, on the host (after flushes)
+        self.clipped: list[int] = []  # per update: 1 when the clip call scaled the gradients
         self.norm_steps: list[int] = []
         self.entropy: list[float] = []  # policy entropy per update (A2C/REINFORCE), for the summary curve
         self.ep_steps: list[int] = []
@@ -246,6 +270,8 @@ class UpdateLogger:
 
     def log_update(self, global_step: int, **metrics) -> None:
         """``metrics`` must include ``grad_norm``; values: 0-dim tensors (kept on device) or floats."""
+        if self.clipper.threshold is not None:  # adaptive modes: this update's threshold (a device copy)
+            metrics["clip_threshold"] = self.clipper.threshold.clone()
         self._pending.append((global_step, metrics))
         self.updates += 1
         if len(self._pending) >= self.log_every:
@@ -281,7 +307,10 @@ class UpdateLogger:
         gi = dev_keys.index("grad_norm")
         for i, (step, m) in enumerate(self._pending):
             norm = float(table[i, gi])
-            clipped = self.clipper.clipped(norm)
+            limit = float(table[i, dev_keys.index("clip_threshold")]) if "clip_threshold" in dev_keys \
+                else self.clipper.max_norm
+            clipped = self.clipper.clipped(norm, limit)
+            self.clipped.append(clipped)
             host_vals = [float(m[k]) for k in host_keys]
             self._metrics_csv.writerow([step, first_update + i + 1, *table[i].tolist(), clipped, *host_vals])
             self.grad_norms.append(norm)
@@ -294,7 +323,9 @@ class UpdateLogger:
                 self.tb.add_scalar("train/clipped", clipped, step)
                 for k, v in zip(host_keys, host_vals):
                     self.tb.add_scalar(f"train/{k}", v, step)
-        if not np.isfinite(table).all():
+        # (an adaptive threshold of inf is no divergence: ZClip reports inf when it did not clip)
+        watched = [j for j, k in enumerate(dev_keys) if k != "clip_threshold"]
+        if not np.isfinite(table[:, watched]).all():
             self.nonfinite = True
         self.last = {k: float(table[-1, j]) for j, k in enumerate(dev_keys)}
         self._pending.clear()
@@ -375,10 +406,10 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         "updates": logger.updates,
         "clip_calls": clipper.calls,
         "clip_time_s": round(clipper.time_s, 6),
-        # the share of updates whose global norm was clipped: global mode only (-1: per-layer and
-        # AGC decide per tensor or per unit, which the global norm does not tell)
-        "clip_fraction": (-1.0 if clipper.clipped(0.0) < 0 else
-                          float(np.mean(norms > args.max_grad_norm)) if args.clip != "none" and norms.size else 0.0),
+        # the share of updates whose global norm was clipped (-1: per-layer and AGC decide per
+        # tensor or per unit, which the global norm does not tell)
+        "clip_fraction": (-1.0 if clipper.clipped(0.0, 0.0) < 0 else
+                          float(np.mean(logger.clipped)) if logger.clipped else 0.0),
         "grad_norm_p50": _pct(norms, 50),
         "grad_norm_p99": _pct(norms, 99),
         "grad_norm_max": _pct(norms, 100),
@@ -398,6 +429,8 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         summary["curves"]["entropy"] = _binned(logger.norm_steps, logger.entropy)
     if extra:
         summary.update(extra)
+    if clipper.monitor is not None:
+        summary["monitor"] = finish_monitor(clipper.monitor, logger.run_dir)
     if args.clip == "fastclip":
         import fastclip  # already imported by the Clipper
 
@@ -409,6 +442,24 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         with open(path, "w") as f:
             f.write(text + "\n")
     return summary
+
+
+def make_monitor(enabled: bool, named_parameters, run_dir: str, every: int = 100):
+    """``--monitor``: a fastclip.GradMonitor over ``named_parameters`` (a module or (name, param)
+    pairs) writing grad_norms.csv / explosions.csv into the run folder, or None."""
+    if not enabled:
+        return None
+    import fastclip
+
+    return fastclip.GradMonitor(named_parameters, every=every, log_dir=run_dir)
+
+
+def finish_monitor(monitor, run_dir: str) -> dict:
+    """Flush, draw ``grad_norms.png`` in the run folder, and summarise the explosions found."""
+    monitor.close()
+    png = monitor.plot(os.path.join(run_dir, "grad_norms.png"))
+    return {"png": png, "explosions": len(monitor.explosions),
+            "first_explosions": [str(e) for e in monitor.explosions[:5]]}
 
 
 def run_name(args, algo: str) -> str:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, evaluate, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
+from common import Clipper, UpdateLogger, evaluate, make_monitor, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
 
 
 @dataclass
@@ -45,13 +45,19 @@ class Args:
     """seed for torch, numpy, python and the environment"""
     clip: Literal["none", "torch", "fastclip"] = "fastclip"
     """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
-    clip_mode: Literal["global", "per-layer", "agc"] = "global"
-    """what is clipped: the global norm (max-grad-norm), each parameter's own norm (max-grad-norm),
-    or each unit adaptively (AGC, agc-clip-factor); see examples/common.py's Clipper"""
+    clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
+    """what is clipped, by what threshold: the global norm (max-grad-norm), each parameter's own norm
+    (max-grad-norm), each unit adaptively (AGC, agc-clip-factor), or the global norm by an adaptive
+    threshold: autoclip (fastclip.AutoClip: 10th percentile of all norms so far) or zclip
+    (fastclip.ZClip: z-score spikes against an EMA), these two with --clip fastclip only;
+    see examples/common.py's Clipper"""
     agc_clip_factor: float = 0.01
     """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
     max_grad_norm: float = 10.0
     """max global L2 norm of the gradients"""
+    monitor: bool = False
+    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
+    explosions.csv and grad_norms.png in the run folder"""
     summary_json: Optional[str] = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     rb = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
-    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor)
+    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor,
+                      monitor=make_monitor(args.monitor, q_network, run_dir, args.log_every))
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
     action_rng = np.random.default_rng(args.seed)
 

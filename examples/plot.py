@@ -24,8 +24,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {"none": "tab:red", "torch": "tab:blue", "fastclip": "tab:green"}
-ORDER = ["none", "torch", "fastclip"]
+COLORS = {"none": "tab:red", "torch": "tab:blue", "fastclip": "tab:green", "autoclip": "tab:purple",
+          "zclip": "tab:orange"}
+ORDER = ["none", "torch", "fastclip", "autoclip", "zclip"]
+
+
+def variant(summary: dict) -> str:
+    """The row / curve a run belongs to: its --clip, and its --clip-mode unless global (autoclip and
+    zclip exist for --clip fastclip only, so the mode alone names them)."""
+    mode = summary.get("clip_mode", "global")
+    if mode == "global":
+        return summary["clip"]
+    return mode if mode in ("autoclip", "zclip") else f"{summary['clip']} {mode}"
 
 
 def _interp(curve: dict, key: str, grid: np.ndarray) -> np.ndarray:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(path) as f:
             s = json.load(f)
         s["_file"] = path
-        runs[s["algo"]][s["clip"]].append(s)
+        runs[s["algo"]][variant(s)].append(s)
     mixed = {(a, c) for a in runs for c in runs[a] if warn_mixed(a, c, runs[a][c])}
 
     algos = sorted(runs)

@@ -28,7 +28,7 @@ from torch.distributions import Categorical
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, evaluate, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
+from common import Clipper, UpdateLogger, evaluate, make_monitor, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
 
 
 @dataclass
@@ -43,13 +43,19 @@ class Args:
     """seed for torch, numpy, python and the environment"""
     clip: Literal["none", "torch", "fastclip"] = "fastclip"
     """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
-    clip_mode: Literal["global", "per-layer", "agc"] = "global"
-    """what is clipped: the global norm (max-grad-norm), each parameter's own norm (max-grad-norm),
-    or each unit adaptively (AGC, agc-clip-factor); see examples/common.py's Clipper"""
+    clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
+    """what is clipped, by what threshold: the global norm (max-grad-norm), each parameter's own norm
+    (max-grad-norm), each unit adaptively (AGC, agc-clip-factor), or the global norm by an adaptive
+    threshold: autoclip (fastclip.AutoClip: 10th percentile of all norms so far) or zclip
+    (fastclip.ZClip: z-score spikes against an EMA), these two with --clip fastclip only;
+    see examples/common.py's Clipper"""
     agc_clip_factor: float = 0.01
     """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
     max_grad_norm: float = 1.0
     """max global L2 norm of the gradients"""
+    monitor: bool = False
+    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
+    explosions.csv and grad_norms.png in the run folder"""
     summary_json: Optional[str] = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
@@ -109,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = mlp(obs_dim, 1, args.hidden, out_std=1.0).to(device)
     params = list(policy.parameters()) + list(baseline.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor)
+    named = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + \
+        [(f"baseline.{n}", p) for n, p in baseline.named_parameters()]
+    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor,
+                      monitor=make_monitor(args.monitor, named, run_dir, args.log_every))
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
 
     obs, _ = env.reset(seed=args.seed)

@@ -5,8 +5,10 @@
 """
 from ._version import __version__
 from . import _ops  # first: checks the torch version, then loads the extension
+from .adaptive import AutoClip, ZClip
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .local import adaptive_clip_grad_, clip_grad_norm_per_layer_, per_tensor_norms
+from .monitor import Explosion, GradMonitor
 from .patch import is_patched, patch, unpatch
 
 
@@ -22,13 +24,17 @@ def backend():
 
 __all__ = [
     "adaptive_clip_grad_",
+    "AutoClip",
+    "ZClip",
     "backend",
     "clip_",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "Explosion",
     "get_total_norm",
+    "GradMonitor",
     "is_patched",
     "patch",
     "per_tensor_norms",

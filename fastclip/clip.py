@@ -17,6 +17,7 @@ import torch
 
 from . import _ops, _reference
 from . import distributed as _distributed  # [distributed] DTensor grads and group=
+from .nonfinite import check_found_inf, check_policy, nonfinite_flag, skip_if_nonfinite
 
 _compiling = torch.compiler.is_compiling
 
@@ -234,7 +235,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         _scale_groups(_group_by_device(grads), coef)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None,
+                    nonfinite="torch", found_inf=None):
     """Clip the gradient norm of `parameters` in place; drop-in for torch.nn.utils.clip_grad_norm_.
 
     The norm over all grads (as one vector) is computed and the grads scaled by
@@ -249,8 +251,16 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     parallel) and plain grads that are disjoint shards over the ProcessGroup
     `group` are clipped by their global norm, one all-reduce per set of ranks;
     every rank must call, even one with no grads.
+
+    Keyword-only (fastclip/nonfinite.py): nonfinite="torch" (default) | "error"
+    (= error_if_nonfinite=True) | "skip": a non-finite norm leaves the grads
+    untouched, with no host sync; `found_inf`, a 0-dim float tensor, if given,
+    is set to 1.0 (non-finite) or 0.0 on the device, for a fused optimizer.
     """
     fn = "clip_grad_norm_"
+    if nonfinite != "torch" or found_inf is not None:  # the keyword-only non-finite policy
+        return _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, nonfinite,
+                                      found_inf, group, fn)
     if isinstance(parameters, torch.Tensor):
         params = (parameters,)
     elif isinstance(parameters, (list, tuple)):
@@ -291,6 +301,43 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
             _raise_if_nonfinite(norm, norm_type, dtype)
         _scale_groups(groups, _reference.clip_coef(max_norm, norm))
         return norm.to(dtype)
+
+
+# ---- the keyword-only non-finite policy of clip_grad_norm_ ---------------------------------
+
+
+def _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, nonfinite, found_inf, group, fn):
+    """clip_grad_norm_ with nonfinite="error" or "skip" (and found_inf)."""
+    check_policy(nonfinite, fn)
+    check_found_inf(found_inf, fn)
+    if nonfinite == "skip" and error_if_nonfinite:
+        raise ValueError(f"fastclip.{fn}: nonfinite='skip' and error_if_nonfinite=True contradict each other")
+    if found_inf is not None and nonfinite != "skip":
+        raise ValueError(f"fastclip.{fn}: found_inf is written only with nonfinite='skip', got {nonfinite!r}")
+    params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
+    max_norm = _check_max_norm(max_norm, fn)
+    norm_type = _check_norm_type(norm_type, fn)
+    if group is not None or _distributed.any_dtensor(params):  # [distributed]
+        if nonfinite == "skip":
+            raise NotImplementedError(f"fastclip.{fn}: nonfinite='skip' is not supported for distributed grads "
+                                      "(DTensor or group=) yet; nonfinite='error' (error_if_nonfinite=True) is")
+        return _distributed.clip_grad_norm_(params, max_norm, norm_type, True, group, fn)
+    if nonfinite == "error":
+        return _clip_grad_norm_general(params, max_norm, norm_type, True, fn)
+    grads = _grads_of(params, fn)
+    if not grads:
+        if found_inf is not None:
+            found_inf.zero_()
+        return torch.tensor(0.0)
+    _check_grads(grads, fn)
+    with torch.no_grad():
+        groups = _group_by_device(grads)
+        norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
+        # A non-finite norm gives a coefficient of exactly 1: scale_ then stores nothing.
+        _scale_groups(groups, skip_if_nonfinite(_reference.clip_coef(max_norm, norm), norm))
+        if found_inf is not None:
+            found_inf.copy_(nonfinite_flag(norm))
+        return norm.to(_result_dtype(grads))
 
 
 clip_ = clip_grad_norm_

@@ -20,9 +20,10 @@ needs_extension = pytest.mark.skipif(fastclip.backend() == "python", reason="ext
     "name", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 )
 def test_signatures_match_torch(name):
+    """torch's parameters, in torch's order, with its defaults and kinds; fastclip's own
+    additions (group=, nonfinite=, found_inf=) only keyword-only, with a default, after them."""
     ours = list(inspect.signature(getattr(fastclip, name)).parameters.values())
     theirs = list(inspect.signature(getattr(torch.nn.utils, name)).parameters.values())
-    # torch's parameters, in order; then only keyword-only extras with a default (group=)
     assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
     for a, b in zip(ours, theirs):
         assert a.default == b.default and a.kind == b.kind
