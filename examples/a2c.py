@@ -30,7 +30,8 @@ from torch.distributions import Categorical
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, evaluate, make_monitor, parse_args, run_name, seed_everything, setup_torch, write_summary  # noqa: E402
+from common import (  # noqa: E402
+    Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch)
 
 
 @dataclass
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the clip: fastclip.clip_grad_norm_(params, args.max_grad_norm) with the default
+        # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
         grad_norm = clipper(agent.parameters())  # pre-clip norm, stays on device
         optimizer.step()
         logger.log_update(global_step, grad_norm=grad_norm, loss=loss.detach(), pg_loss=pg_loss.detach(),
@@ -247,18 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     pbar.close()
     envs.close()
 
-    # ---- greedy evaluation ----
     agent.eval()
-    eval_returns = evaluate(lambda: gym.make(args.env_id),
-                            lambda o: int(agent.actor(o).argmax(dim=1).item()),
-                            args.eval_episodes, seed=args.seed + 100_000, device=device)
-    summary = write_summary("a2c", args, logger, clipper, eval_returns, wall_s, global_step,
-                            extra={"diverged": diverged_at is not None, "diverged_at_step": diverged_at})
-    logger.close()
-    print(f"a2c {args.env_id} clip={args.clip} mode={args.clip_mode} seed={args.seed}: eval return "
-          f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f}, wall {wall_s:.1f}s, "
-          f"clip calls {clipper.calls} ({clipper.time_s:.3f}s), grad norm p50 {summary['grad_norm_p50']}")
-    return summary
+    return finish_run("a2c", args, logger, clipper, lambda o: int(agent.actor(o).argmax(dim=1).item()), wall_s, global_step, diverged_at, device)
 
 
 if __name__ == "__main__":

@@ -444,6 +444,23 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
     return summary
 
 
+def finish_run(algo: str, args, logger: UpdateLogger, clipper: Clipper, act: Callable[[torch.Tensor], int],
+               wall_s: float, global_step: int, diverged_at: int | None, device) -> dict:
+    """The end of every trainer: greedy evaluation with ``act``, the summary JSON, the log files
+    closed, one line printed. Returns the summary."""
+    import gymnasium as gym  # here, not at the top: bench/ imports this module without gymnasium
+
+    eval_returns = evaluate(lambda: gym.make(args.env_id), act, args.eval_episodes, seed=args.seed + 100_000,
+                            device=device)
+    summary = write_summary(algo, args, logger, clipper, eval_returns, wall_s, global_step,
+                            extra={"diverged": diverged_at is not None, "diverged_at_step": diverged_at})
+    logger.close()
+    print(f"{algo} {args.env_id} clip={args.clip} mode={args.clip_mode} seed={args.seed}: eval return "
+          f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f}, wall {wall_s:.1f}s, "
+          f"clip calls {clipper.calls} ({clipper.time_s:.3f}s), grad norm p50 {summary['grad_norm_p50']}")
+    return summary
+
+
 def make_monitor(enabled: bool, named_parameters, run_dir: str, every: int = 100):
     """``--monitor``: a fastclip.GradMonitor over ``named_parameters`` (a module or (name, param)
     pairs) writing grad_norms.csv / explosions.csv into the run folder, or None."""
