@@ -17,6 +17,7 @@ toolkit is found (no GPU is needed at build time). Environment overrides:
                          AVX2 (used by default when this machine's CPU has it)
   DEBUG=1                -O0 -g, for gdb / compute-sanitizer line numbers
 """
+
 import glob
 import os
 import runpy
@@ -120,6 +121,7 @@ setup(
     version=VERSION["__version__"],
     install_requires=[VERSION["TORCH_REQUIREMENT"]],
     packages=find_packages(include=["fastclip", "fastclip.*"]),
+    package_data={"fastclip": ["py.typed"]},  # the public API is typed (PEP 561)
     ext_modules=[_extension(torch)],
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,

@@ -20,6 +20,7 @@ step, fastclip's never), each step = grads restore + clip call; and a whole trai
 (forward, backward, clip, Adam(fused=True)) eager with the reference, eager with fastclip,
 and fastclip's step captured in a CUDA graph and replayed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,21 @@ if not __package__:
 sys.path.insert(0, str(_REPO / "tests"))  # the references live with the tests
 
 import torch  # noqa: E402
-
 from adaptive_reference import ReferenceAutoClip, ReferenceZClip  # noqa: E402
+
 from bench.bench_cpu import CASES, DTYPES, GradSet  # noqa: E402
 from bench.common import (  # noqa: E402
-    NOISY_CORES, OtherLoad, command_line, environment_info, fmt_us, import_fastclip, print_aligned, stats,
-    time_interleaved, warn_backend)
+    NOISY_CORES,
+    OtherLoad,
+    command_line,
+    environment_info,
+    fmt_us,
+    import_fastclip,
+    print_aligned,
+    stats,
+    time_interleaved,
+    warn_backend,
+)
 
 
 def variants(fastclip, history):
@@ -68,17 +78,25 @@ def bench_cpu_case(fastclip, case, dtype, history, warm_s, budget_s, rmin, rmax)
         methods[name] = ((lambda c=clipper, f=call: f(c, gs.params)), gs.restore)
     with OtherLoad() as other:
         samples, repeats, warm = time_interleaved(methods, warm_s, budget_s, rmin, rmax)
-    row = {"case": case, "description": CASES[case][0], "dtype": dtype, "tensors": len(gs.shapes),
-           "elements": gs.numel, "repeats": repeats, "warmup_rounds": warm,
-           "other_processes_cores": other.cores,
-           "noisy": other.cores is not None and other.cores > NOISY_CORES,
-           "times": {n: stats(v) for n, v in samples.items()}}
+    row = {
+        "case": case,
+        "description": CASES[case][0],
+        "dtype": dtype,
+        "tensors": len(gs.shapes),
+        "elements": gs.numel,
+        "repeats": repeats,
+        "warmup_rounds": warm,
+        "other_processes_cores": other.cores,
+        "noisy": other.cores is not None and other.cores > NOISY_CORES,
+        "times": {n: stats(v) for n, v in samples.items()},
+    }
     for fast, ref in PAIRS:
         row[f"{fast}_speedup"] = row["times"][ref]["median_us"] / row["times"][fast]["median_us"]
     return row
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
+
 
 def _per_step_us(step, n):
     torch.cuda.synchronize()
@@ -105,24 +123,35 @@ def bench_cuda_clip(fastclip, case, dtype, history, steps, repeats):
         for _ in range(history):
             restore()
             call(clipper, params)
-        steps_fns[name] = (lambda c=clipper, f=call: (restore(), f(c, params)))
+        steps_fns[name] = lambda c=clipper, f=call: (restore(), f(c, params))
     samples = {n: [] for n in steps_fns}
     for r in range(repeats):  # interleaved, rotating order
         names = list(steps_fns)
         for j in range(len(names)):
             n = names[(r + j) % len(names)]
             samples[n].append(_per_step_us(steps_fns[n], steps))
-    row = {"case": case, "dtype": dtype, "tensors": len(params), "elements": gs.numel,
-           "steps_per_sample": steps, "repeats": repeats,
-           "times": {n: {"median_us": statistics.median(v), "min_us": min(v)} for n, v in samples.items()}}
+    row = {
+        "case": case,
+        "dtype": dtype,
+        "tensors": len(params),
+        "elements": gs.numel,
+        "steps_per_sample": steps,
+        "repeats": repeats,
+        "times": {n: {"median_us": statistics.median(v), "min_us": min(v)} for n, v in samples.items()},
+    }
     for fast, ref in PAIRS:
         row[f"{fast}_speedup"] = row["times"][ref]["median_us"] / row["times"][fast]["median_us"]
     return row
 
 
 def _mlp_model():
-    return torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
-                               torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(512, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    )
 
 
 def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
@@ -130,8 +159,10 @@ def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
     captured in a CUDA graph (Adam(fused=True, capturable=True), found_inf wired)."""
     torch.manual_seed(0)
     x, y = torch.randn(256, 512, device="cuda"), torch.randint(0, 10, (256,), device="cuda")
-    make_fast = {"autoclip": lambda: fastclip.AutoClip(history=history, nonfinite="skip"),
-                 "zclip": lambda: fastclip.ZClip(nonfinite="skip")}[kind]
+    make_fast = {
+        "autoclip": lambda: fastclip.AutoClip(history=history, nonfinite="skip"),
+        "zclip": lambda: fastclip.ZClip(nonfinite="skip"),
+    }[kind]
     make_ref = {"autoclip": lambda: ReferenceAutoClip(history=history), "zclip": lambda: ReferenceZClip()}[kind]
 
     def setup(clipper, call, capturable=False):
@@ -146,6 +177,7 @@ def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
             if getattr(clipper, "found_inf", None) is not None:
                 opt.found_inf = clipper.found_inf
             opt.step()
+
         return step
 
     fast_step = setup(make_fast(), lambda c, ps: c(ps))
@@ -171,18 +203,31 @@ def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
         for j in range(len(names)):
             n = names[(r + j) % len(names)]
             samples[n].append(_per_step_us(fns[n], steps))
-    return {"train_step": kind, "model": "MLP 512-1024-1024-10, batch 256, Adam(fused=True)",
-            "steps_per_sample": steps, "repeats": repeats,
-            "times": {n: {"median_us": statistics.median(v), "min_us": min(v)} for n, v in samples.items()}}
+    return {
+        "train_step": kind,
+        "model": "MLP 512-1024-1024-10, batch 256, Adam(fused=True)",
+        "steps_per_sample": steps,
+        "repeats": repeats,
+        "times": {n: {"median_us": statistics.median(v), "min_us": min(v)} for n, v in samples.items()},
+    }
 
 
 # ---- main ------------------------------------------------------------------------------------
 
+
 def print_rows(rows, names):
     hdr = ["case", "dtype", "tensors", *[f"{n} us" for n in names], "autoclip x", "zclip x"]
-    table = [[r["case"] + ("*" if r.get("noisy") else ""), r["dtype"], str(r["tensors"]),
-              *[fmt_us(r["times"][n]["median_us"]) for n in names],
-              f"{r['autoclip_speedup']:.2f}", f"{r['zclip_speedup']:.2f}"] for r in rows]
+    table = [
+        [
+            r["case"] + ("*" if r.get("noisy") else ""),
+            r["dtype"],
+            str(r["tensors"]),
+            *[fmt_us(r["times"][n]["median_us"]) for n in names],
+            f"{r['autoclip_speedup']:.2f}",
+            f"{r['zclip_speedup']:.2f}",
+        ]
+        for r in rows
+    ]
     print_aligned(hdr, table, 2, sys.stdout)
 
 
@@ -194,8 +239,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32", help="comma-separated subset of: fp32,bf16")
     ap.add_argument("--history", type=int, default=1000, help="AutoClip's history (both sides)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--json", metavar="PATH", default=None,
-                    help="results file (default bench/results/adaptive-<device>-<date>[-quick].json)")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="results file (default bench/results/adaptive-<device>-<date>[-quick].json)",
+    )
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -206,22 +255,35 @@ def main(argv=None):
     warn_backend(fastclip, args.device)
     env = environment_info(fastclip)
     t0 = time.perf_counter()
-    out = {"benchmark": "bench_adaptive", "command": command_line(__spec__), "quick": args.quick,
-           "device": args.device, "history": args.history, **env}
+    out = {
+        "benchmark": "bench_adaptive",
+        "command": command_line(__spec__),
+        "quick": args.quick,
+        "device": args.device,
+        "history": args.history,
+        **env,
+    }
     if args.device == "cpu":
         warm_s, budget_s, rmin, rmax = (0.05, 0.4, 3, 300) if args.quick else (0.3, 4.0, 9, 3000)
-        rows = [bench_cpu_case(fastclip, c, d, args.history, warm_s, budget_s, rmin, rmax)
-                for c in cases for d in dtypes]
+        rows = [
+            bench_cpu_case(fastclip, c, d, args.history, warm_s, budget_s, rmin, rmax) for c in cases for d in dtypes
+        ]
         print_rows(rows, ["autoclip", "autoclip_ref", "zclip", "zclip_ref"])
-        out["settings"] = {"warmup_s": warm_s, "budget_s": budget_s, "min_repeats": rmin, "max_repeats": rmax,
-                           "restore": "grads restored from a saved copy before each call, untimed"}
+        out["settings"] = {
+            "warmup_s": warm_s,
+            "budget_s": budget_s,
+            "min_repeats": rmin,
+            "max_repeats": rmax,
+            "restore": "grads restored from a saved copy before each call, untimed",
+        }
     else:
         out["gpu"] = torch.cuda.get_device_name()
         steps, repeats = (20, 5) if args.quick else (200, 15)
         rows = [bench_cuda_clip(fastclip, c, d, args.history, steps, repeats) for c in cases for d in dtypes]
         print_rows(rows, ["restore_only", "autoclip", "autoclip_ref", "zclip", "zclip_ref"])
-        out["train_steps"] = [bench_cuda_train_step(fastclip, k, min(args.history, 100), steps, repeats)
-                              for k in ("autoclip", "zclip")]
+        out["train_steps"] = [
+            bench_cuda_train_step(fastclip, k, min(args.history, 100), steps, repeats) for k in ("autoclip", "zclip")
+        ]
         for t in out["train_steps"]:
             print(t["train_step"], {n: round(v["median_us"], 1) for n, v in t["times"].items()})
     out["wall_s"] = time.perf_counter() - t0
@@ -231,9 +293,16 @@ def main(argv=None):
         print(f"* NOT QUIET while these cases ran: {', '.join(noisy)}; rerun before quoting them.", file=sys.stderr)
     out["not_quiet_cases"] = noisy
     if not args.no_json:
-        path = Path(args.json) if args.json else (
-            _REPO / "bench" / "results"
-            / f"adaptive-{args.device}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+        path = (
+            Path(args.json)
+            if args.json
+            else (
+                _REPO
+                / "bench"
+                / "results"
+                / f"adaptive-{args.device}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+            )
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {path}")

@@ -29,6 +29,7 @@ case itself; a case that fails is reported as MISMATCH, is not timed, and the ex
     python -m bench.bench_cpu                     # writes bench/results/cpu-<date>.json
     python bench/bench_cpu.py --threads 1 --cases mlp,cnn --dtypes fp32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,22 @@ if not __package__:
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    NOISY_CORES, OtherLoad, big_shapes, command_line, environment_info, fmt_us, gpt2_blocks_shapes,
-    import_fastclip, mlp_shapes, nature_cnn_shapes, print_aligned, stats, time_interleaved, tiny_shapes, warn_backend)
+    NOISY_CORES,
+    OtherLoad,
+    big_shapes,
+    command_line,
+    environment_info,
+    fmt_us,
+    gpt2_blocks_shapes,
+    import_fastclip,
+    mlp_shapes,
+    nature_cnn_shapes,
+    print_aligned,
+    stats,
+    time_interleaved,
+    tiny_shapes,
+    warn_backend,
+)
 
 try:
     from tqdm import tqdm
@@ -102,7 +117,7 @@ class GradSet:
         off = 0
         for s in shapes:
             n = _numel(s)
-            self.saved_views.append(self.saved[off:off + n].view(s))
+            self.saved_views.append(self.saved[off : off + n].view(s))
             off += n
         self.grads = [torch.empty(s, dtype=dtype) for s in shapes]
         self.params = []
@@ -113,13 +128,15 @@ class GradSet:
         # Bandwidth probe: fp32, same number of bytes as the grads (see the module docstring).
         n_probe = -(-self.numel * self.saved.element_size() // 4)
         self.probe = torch.empty(n_probe, dtype=torch.float32)
-        self.probe_saved = (self.saved if dtype == torch.float32
-                            else torch.randn(n_probe, generator=g, dtype=torch.float32))
+        self.probe_saved = (
+            self.saved if dtype == torch.float32 else torch.randn(n_probe, generator=g, dtype=torch.float32)
+        )
         self.restore()
         self.restore_probe()
         # The true norm, in fp64, and a max_norm 1e-3 of it: every call clips, coefficient ~1e-3.
-        self.norm64 = math.sqrt(sum(
-            float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in _chunks(self.saved)))
+        self.norm64 = math.sqrt(
+            sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in _chunks(self.saved))
+        )
         self.max_norm = 1e-3 * self.norm64
 
     def restore(self):
@@ -151,7 +168,7 @@ def check_case(fastclip, gs: GradSet):
     ref_norm_rtol = 1e-5 if fp32 else 4e-3
     ref_grad_rtol = 2e-5 if fp32 else 1e-2
     torch_norm_rtol = 1e-4 if fp32 else 8e-3
-    torch_grad_rtol = 1e-4 if fp32 else 3e-2   # torch takes its coefficient from a bf16 norm
+    torch_grad_rtol = 1e-4 if fp32 else 3e-2  # torch takes its coefficient from a bf16 norm
     coef_ref = min(1.0, gs.max_norm / (gs.norm64 + 1e-6))
 
     gs.restore()
@@ -170,8 +187,10 @@ def check_case(fastclip, gs: GradSet):
         if n_fc.dtype != n_torch.dtype:
             return f"norm dtype {n_fc.dtype}, torch returns {n_torch.dtype}", info
         if info["fastclip_norm_rel_err"] > ref_norm_rtol:
-            return (f"norm {float(n_fc):.9g} vs fp64 reference {gs.norm64:.9g} "
-                    f"(rel err {info['fastclip_norm_rel_err']:.2e} > {ref_norm_rtol})"), info
+            return (
+                f"norm {float(n_fc):.9g} vs fp64 reference {gs.norm64:.9g} "
+                f"(rel err {info['fastclip_norm_rel_err']:.2e} > {ref_norm_rtol})"
+            ), info
         tol = torch_norm_rtol + 2 * torch_err
         if abs(float(n_fc) - float(n_torch)) > tol * abs(float(n_torch)):
             return f"norm {float(n_fc):.9g} vs torch {float(n_torch):.9g} (rtol {tol:.2e})", info
@@ -182,19 +201,22 @@ def check_case(fastclip, gs: GradSet):
             scale = float(e.abs().max()) if e.numel() else 0.0
             atol = 1e-6 * scale + 1e-30
             for k, (gc, ec, vc) in enumerate(zip(_chunks(g), _chunks(e), _chunks(v))):
-                for what, want, rtol in (("fp64 reference", vc.double() * coef_ref, ref_grad_rtol),
-                                         ("torch", ec, grad_tol)):
+                for what, want, rtol in (
+                    ("fp64 reference", vc.double() * coef_ref, ref_grad_rtol),
+                    ("torch", ec, grad_tol),
+                ):
                     try:
                         torch.testing.assert_close(gc.to(want.dtype), want, rtol=rtol, atol=atol)
                     except AssertionError as exc:
                         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-                        return (f"grad {i} {tuple(g.shape)} (flat elements from {k * CHECK_CHUNK}) "
-                                f"differs from {what}: " + " | ".join(lines[:4])), info
+                        return (
+                            f"grad {i} {tuple(g.shape)} (flat elements from {k * CHECK_CHUNK}) "
+                            f"differs from {what}: " + " | ".join(lines[:4])
+                        ), info
                     finally:
                         del want
         # Clipping must really have happened (coefficient ~1e-3), or the timing is of a no-op.
-        ratio = (float(gs.grads[0].float().abs().max())
-                 / max(float(gs.saved_views[0].float().abs().max()), 1e-30))
+        ratio = float(gs.grads[0].float().abs().max()) / max(float(gs.saved_views[0].float().abs().max()), 1e-30)
         if not (0.5e-3 < ratio < 2e-3):
             return f"grads scaled by {ratio:.3g}, expected ~1e-3", info
     finally:
@@ -214,48 +236,94 @@ def check_case(fastclip, gs: GradSet):
 
 
 def print_table(rows, file=sys.stdout):
-    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "torch-loop us",
-           "speed-up", "target", "mul_ GB/s", "floor us", "fc %floor", "torch %floor"]
+    hdr = [
+        "case",
+        "dtype",
+        "tensors",
+        "elements",
+        "fastclip us",
+        "torch us",
+        "torch-loop us",
+        "speed-up",
+        "target",
+        "mul_ GB/s",
+        "floor us",
+        "fc %floor",
+        "torch %floor",
+    ]
     table = []
     for r in rows:
         if r.get("error"):
-            table.append([r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}",
-                          "MISMATCH", "-", "-", "-", "-", "-", "-", "-", "-"])
+            table.append(
+                [
+                    r["case"],
+                    r["dtype"],
+                    str(r["tensors"]),
+                    f"{r['numel']:,}",
+                    "MISMATCH",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                ]
+            )
             continue
         t = r["times"]
         tgt = r["target_speedup"]
-        table.append([
-            r["case"] + ("*" if r.get("noisy") else ""), r["dtype"], str(r["tensors"]),
-            f"{r['numel']:,}", fmt_us(t["fastclip"]["median_us"]), fmt_us(t["torch_foreach"]["median_us"]),
-            fmt_us(t["torch_loop"]["median_us"]),
-            f"{r['speedup_vs_best_torch']:.2f}x",
-            "-" if tgt is None else (f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS")),
-            f"{r['mul_bandwidth_GBps']:.1f}", fmt_us(r["floor_us"]),
-            f"{100 * r['floor_fraction']['fastclip']:.0f}%",
-            f"{100 * r['floor_fraction']['torch_best']:.0f}%",
-        ])
+        table.append(
+            [
+                r["case"] + ("*" if r.get("noisy") else ""),
+                r["dtype"],
+                str(r["tensors"]),
+                f"{r['numel']:,}",
+                fmt_us(t["fastclip"]["median_us"]),
+                fmt_us(t["torch_foreach"]["median_us"]),
+                fmt_us(t["torch_loop"]["median_us"]),
+                f"{r['speedup_vs_best_torch']:.2f}x",
+                "-" if tgt is None else (f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS")),
+                f"{r['mul_bandwidth_GBps']:.1f}",
+                fmt_us(r["floor_us"]),
+                f"{100 * r['floor_fraction']['fastclip']:.0f}%",
+                f"{100 * r['floor_fraction']['torch_best']:.0f}%",
+            ]
+        )
     print_aligned(hdr, table, left_cols=2, file=file)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_cpu",
-        description="fastclip vs torch.nn.utils.clip_grad_norm_ on CPU (see bench/README.md).")
+        description="fastclip vs torch.nn.utils.clip_grad_norm_ on CPU (see bench/README.md).",
+    )
     ap.add_argument("--quick", action="store_true", help="few repeats; whole run well under 60 s")
-    ap.add_argument("--json", metavar="PATH", default=None,
-                    help="results file (default bench/results/cpu-<date>.json, "
-                         "or cpu-<date>-quick.json with --quick)")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="results file (default bench/results/cpu-<date>.json, or cpu-<date>-quick.json with --quick)",
+    )
     ap.add_argument("--no-json", action="store_true", help="do not write a results file")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's default, %d here)"
-                         % torch.get_num_threads())
-    ap.add_argument("--cases", default=",".join(CASES),
-                    help="comma-separated subset of: " + ",".join(CASES))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch.set_num_threads (default: torch's default, {torch.get_num_threads()} here)",
+    )
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ",".join(CASES))
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of: fp32,bf16")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="fixed number of measured rounds per case (default: sized by time budget)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds of measured rounds per case (default 0.4 quick, 6 full)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="fixed number of measured rounds per case (default: sized by time budget)",
+    )
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds of measured rounds per case (default 0.4 quick, 6 full)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = ap.parse_args(argv)
 
@@ -280,9 +348,11 @@ def main(argv=None):
     fastclip = import_fastclip()
     env = environment_info(fastclip)
     warn_backend(fastclip, "cpu")
-    print(f"fastclip {env['fastclip']['version'] or ''} backend={env['fastclip']['backend']} | "
-          f"torch {env['torch']} | python {env['python']} | {env['cpu']['model']} "
-          f"({env['cpu']['torch_cpu_capability']}) | threads={env['threads']}")
+    print(
+        f"fastclip {env['fastclip']['version'] or ''} backend={env['fastclip']['backend']} | "
+        f"torch {env['torch']} | python {env['python']} | {env['cpu']['model']} "
+        f"({env['cpu']['torch_cpu_capability']}) | threads={env['threads']}"
+    )
 
     jobs = [(c, d) for c in cases for d in dtypes]
     bar = None
@@ -297,9 +367,17 @@ def main(argv=None):
             bar.set_postfix_str(f"{c} {d}")
         shapes = shapes_fn()
         gs = GradSet(shapes, DTYPES[d])
-        row = {"case": c, "description": desc, "dtype": d, "tensors": len(shapes),
-               "numel": gs.numel, "bytes": gs.nbytes, "max_norm": gs.max_norm,
-               "norm_fp64": gs.norm64, "target_speedup": target}
+        row = {
+            "case": c,
+            "description": desc,
+            "dtype": d,
+            "tensors": len(shapes),
+            "numel": gs.numel,
+            "bytes": gs.nbytes,
+            "max_norm": gs.max_norm,
+            "norm_fp64": gs.norm64,
+            "target_speedup": target,
+        }
         err, check = check_case(fastclip, gs)
         row["check"] = check
         if err is not None:
@@ -318,40 +396,42 @@ def main(argv=None):
         clip_fc = fastclip.clip_grad_norm_
         probe = gs.probe
         methods = {
-            "fastclip": (lambda: clip_fc(params, mx), gs.restore),
-            "torch_foreach": (lambda: clip_torch(params, mx, foreach=True), gs.restore),
-            "torch_loop": (lambda: clip_torch(params, mx, foreach=False), gs.restore),
-            "mul_": (lambda: probe.mul_(0.5), gs.restore_probe),
+            # arguments bound as defaults: the `del` at the end of the case frees them, not the lambdas
+            "fastclip": (lambda ps=params: clip_fc(ps, mx), gs.restore),
+            "torch_foreach": (lambda ps=params: clip_torch(ps, mx, foreach=True), gs.restore),
+            "torch_loop": (lambda ps=params: clip_torch(ps, mx, foreach=False), gs.restore),
+            "mul_": (lambda pr=probe: pr.mul_(0.5), gs.restore_probe),
         }
         with OtherLoad() as other:
-            samples, repeats, warm = time_interleaved(methods, warm_s, budget_s, rmin, rmax,
-                                                      args.repeats)
+            samples, repeats, warm = time_interleaved(methods, warm_s, budget_s, rmin, rmax, args.repeats)
         times = {k: stats(v) for k, v in samples.items()}
         med = {k: v["median_us"] for k, v in times.items()}
         best_torch = min(med["torch_foreach"], med["torch_loop"])
         elem = gs.saved.element_size()
-        probe_bytes_moved = 2 * gs.probe.numel() * 4            # read + write, fp32
-        bw = probe_bytes_moved / (med["mul_"] * 1e-6)            # bytes/s
-        floor_us = 3 * elem * gs.numel / bw * 1e6                # = 1.5 x t(mul_)
-        row.update({
-            "repeats": repeats,
-            "warmup_rounds": warm,
-            "other_processes_cores": other.cores,
-            "noisy": other.cores is not None and other.cores > NOISY_CORES,
-            "times": times,
-            "speedup_vs_best_torch": best_torch / med["fastclip"],
-            "speedup_vs_torch_foreach": med["torch_foreach"] / med["fastclip"],
-            "speedup_vs_torch_loop": med["torch_loop"] / med["fastclip"],
-            "mul_bandwidth_GBps": bw / 1e9,
-            "clip_bytes": 3 * elem * gs.numel,
-            "floor_us": floor_us,
-            "floor_fraction": {
-                "fastclip": floor_us / med["fastclip"],
-                "torch_foreach": floor_us / med["torch_foreach"],
-                "torch_loop": floor_us / med["torch_loop"],
-                "torch_best": floor_us / best_torch,
-            },
-        })
+        probe_bytes_moved = 2 * gs.probe.numel() * 4  # read + write, fp32
+        bw = probe_bytes_moved / (med["mul_"] * 1e-6)  # bytes/s
+        floor_us = 3 * elem * gs.numel / bw * 1e6  # = 1.5 x t(mul_)
+        row.update(
+            {
+                "repeats": repeats,
+                "warmup_rounds": warm,
+                "other_processes_cores": other.cores,
+                "noisy": other.cores is not None and other.cores > NOISY_CORES,
+                "times": times,
+                "speedup_vs_best_torch": best_torch / med["fastclip"],
+                "speedup_vs_torch_foreach": med["torch_foreach"] / med["fastclip"],
+                "speedup_vs_torch_loop": med["torch_loop"] / med["fastclip"],
+                "mul_bandwidth_GBps": bw / 1e9,
+                "clip_bytes": 3 * elem * gs.numel,
+                "floor_us": floor_us,
+                "floor_fraction": {
+                    "fastclip": floor_us / med["fastclip"],
+                    "torch_foreach": floor_us / med["torch_foreach"],
+                    "torch_loop": floor_us / med["torch_loop"],
+                    "torch_best": floor_us / best_torch,
+                },
+            }
+        )
         row["meets_target"] = None if target is None else row["speedup_vs_best_torch"] >= target
         rows.append(row)
         del methods, samples, gs, params, probe
@@ -364,35 +444,48 @@ def main(argv=None):
 
     print()
     print_table(rows)
-    print(f"\nmedian of interleaved repeats; speed-up = best of torch foreach/loop over fastclip; "
-          f"floor = 1.5 x in-place mul_ time (12 B/elem fp32, 6 B/elem bf16); {wall:.1f} s")
-    noisy = [f"{r['case']} {r['dtype']} ({r['other_processes_cores']:.2f})" for r in rows
-             if r.get("noisy")]
+    print(
+        f"\nmedian of interleaved repeats; speed-up = best of torch foreach/loop over fastclip; "
+        f"floor = 1.5 x in-place mul_ time (12 B/elem fp32, 6 B/elem bf16); {wall:.1f} s"
+    )
+    noisy = [f"{r['case']} {r['dtype']} ({r['other_processes_cores']:.2f})" for r in rows if r.get("noisy")]
     if noisy:
-        print(f"* NOT QUIET: other processes used CPU while these cases ran (average cores): "
-              f"{', '.join(noisy)}. On a busy machine torch's multi-threaded ops stall far more "
-              f"than a serial kernel; rerun on a quiet machine before quoting these numbers.",
-              file=sys.stderr)
+        print(
+            f"* NOT QUIET: other processes used CPU while these cases ran (average cores): "
+            f"{', '.join(noisy)}. On a busy machine torch's multi-threaded ops stall far more "
+            f"than a serial kernel; rerun on a quiet machine before quoting these numbers.",
+            file=sys.stderr,
+        )
     if failed:
-        print("MISMATCH: fastclip disagreed with torch on the cases marked above; "
-              "they were not timed.", file=sys.stderr)
+        print(
+            "MISMATCH: fastclip disagreed with torch on the cases marked above; they were not timed.", file=sys.stderr
+        )
 
     if not args.no_json:
-        path = Path(args.json) if args.json else (
-            _REPO / "bench" / "results"
-            / f"cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+        path = (
+            Path(args.json)
+            if args.json
+            else (
+                _REPO / "bench" / "results" / f"cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+            )
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         out = {
             "benchmark": "bench_cpu",
             "command": command_line(__spec__),
             "quick": args.quick,
             **env,
-            "settings": {"warmup_s": warm_s, "budget_s": budget_s, "min_repeats": rmin,
-                         "max_repeats": rmax, "repeats": args.repeats,
-                         "max_norm": "1e-3 x fp64 norm (every call clips)",
-                         "restore": "grads restored from a saved copy before each call, untimed",
-                         "floor": "3 x bytes of the grads / bandwidth of x.mul_(0.5) on an fp32 "
-                                  "buffer of the same bytes (= 1.5 x its time)"},
+            "settings": {
+                "warmup_s": warm_s,
+                "budget_s": budget_s,
+                "min_repeats": rmin,
+                "max_repeats": rmax,
+                "repeats": args.repeats,
+                "max_norm": "1e-3 x fp64 norm (every call clips)",
+                "restore": "grads restored from a saved copy before each call, untimed",
+                "floor": "3 x bytes of the grads / bandwidth of x.mul_(0.5) on an fp32 "
+                "buffer of the same bytes (= 1.5 x its time)",
+            },
             "wall_s": wall,
             "not_quiet_cases": noisy,
             "cases": rows,

@@ -22,6 +22,7 @@ over the repeats after a warm-up. max_norm is 1e-3 of the norm, so every call
 really scales every grad. A correctness guard compares fastclip's norm and
 clipped grads with torch's on the case before timing it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,18 @@ if not __package__:
 import torch  # noqa: E402
 
 from bench.bench_cpu import CASES, DTYPES  # noqa: E402
-from bench.common import (  # noqa: E402
-    NOISY_CORES, OtherLoad, command_line, environment_info, import_fastclip, stats, warn_backend)
-from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
+from bench.common import (  # noqa: E402  # noqa: E402
+    NOISY_CORES,
+    OtherLoad,
+    command_line,
+    environment_info,
+    fmt_us,
+    import_fastclip,
+    print_aligned,
+    run_rounds,
+    stats,
+    warn_backend,
+)
 
 BENCH_CASES = ("cnn", "gpt2")
 
@@ -99,8 +109,12 @@ def check(fastclip, ours, theirs, saved_ours, saved_theirs, max_norm, exact, dty
     for a, b in zip(ours, theirs):
         a, b = a.grad.to_local(), b.grad.to_local()
         try:
-            torch.testing.assert_close(a, b, rtol=(1e-4 if fp32 else 3e-2) + 2 * torch_err,
-                                       atol=1e-6 * float(b.abs().max()) if b.numel() else 0.0)
+            torch.testing.assert_close(
+                a,
+                b,
+                rtol=(1e-4 if fp32 else 3e-2) + 2 * torch_err,
+                atol=1e-6 * float(b.abs().max()) if b.numel() else 0.0,
+            )
         except AssertionError as exc:
             err = err or f"grads differ: {str(exc).splitlines()[0]}"
     restore(ours, saved_ours)
@@ -143,8 +157,7 @@ def time_case(fastclip, params, saved, max_norm, repeats, warm):
 
     samples = {n: [] for n in names}
     # Fixed warm-up and repeat counts (not sized from a clock): every rank must make the same calls.
-    run_rounds(one_round, samples, min_warm=warm, warm_s=0.0, budget_s=0.0, rmin=repeats, rmax=repeats,
-               repeats=repeats)
+    run_rounds(one_round, samples, min_warm=warm, warm_s=0.0, budget_s=0.0, rmin=repeats, rmax=repeats, repeats=repeats)
     return samples
 
 
@@ -153,8 +166,9 @@ def worker(rank, world, store, args):
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=_dt.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=_dt.timedelta(seconds=120)
+    )
     fastclip = import_fastclip()
     mesh = init_device_mesh("cpu", (world,))
     rows, failed = [], False
@@ -168,13 +182,21 @@ def worker(rank, world, store, args):
                 params[name], saved[name] = sharded_grads(shapes, dtype, mesh, seed=rank)
             exact = fp64_norm(saved["torch"])
             max_norm = 1e-3 * exact
-            err = check(fastclip, params["fastclip"], params["torch"], saved["fastclip"], saved["torch"],
-                        max_norm, exact, dtype)
+            err = check(
+                fastclip, params["fastclip"], params["torch"], saved["fastclip"], saved["torch"], max_norm, exact, dtype
+            )
             errs = [None] * world
             dist.all_gather_object(errs, err)
-            row = {"case": case, "what": desc, "dtype": dname, "tensors": len(shapes),
-                   "numel": sum(math.prod(s) for s in shapes), "world_size": world, "max_norm": max_norm,
-                   "norm_fp64": exact}
+            row = {
+                "case": case,
+                "what": desc,
+                "dtype": dname,
+                "tensors": len(shapes),
+                "numel": sum(math.prod(s) for s in shapes),
+                "world_size": world,
+                "max_norm": max_norm,
+                "norm_fp64": exact,
+            }
             if any(errs):
                 row["error"] = [e for e in errs if e][0]
                 failed = True
@@ -195,8 +217,11 @@ def worker(rank, world, store, args):
             row["noisy"] = any(c is not None and c > (world - 1) + NOISY_CORES for c in loads)
             rows.append(row)
             if rank == 0:
-                print(f"  {case} {dname}: fastclip {fmt_us(row['times']['fastclip']['median_us'])} µs, "
-                      f"torch {fmt_us(row['times']['torch']['median_us'])} µs", flush=True)
+                print(
+                    f"  {case} {dname}: fastclip {fmt_us(row['times']['fastclip']['median_us'])} µs, "
+                    f"torch {fmt_us(row['times']['torch']['median_us'])} µs",
+                    flush=True,
+                )
     if rank == 0:
         report(rows, world, args, fastclip)
     dist.destroy_process_group()
@@ -204,21 +229,42 @@ def worker(rank, world, store, args):
 
 
 def report(rows, world, args, fastclip):
-    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "speed-up", "local pass us",
-           "all_reduce us"]
+    hdr = [
+        "case",
+        "dtype",
+        "tensors",
+        "elements",
+        "fastclip us",
+        "torch us",
+        "speed-up",
+        "local pass us",
+        "all_reduce us",
+    ]
     table = []
     for r in rows:
         if r.get("error"):
             table.append([r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}", "MISMATCH", "-", "-", "-", "-"])
             continue
         t = r["times"]
-        table.append([r["case"] + ("*" if r["noisy"] else ""), r["dtype"], str(r["tensors"]), f"{r['numel']:,}",
-                      fmt_us(t["fastclip"]["median_us"]), fmt_us(t["torch"]["median_us"]), f"{r['speedup']:.2f}x",
-                      fmt_us(t["fastclip_local"]["median_us"]), fmt_us(t["all_reduce"]["median_us"])])
-    print(f"\nFSDP2, {world} ranks, gloo, CPU, 1 thread per rank; median over {args.repeats} repeats "
-          "of the slowest rank's time per call;\n'local pass' = fastclip on the local shards alone, "
-          "no all-reduce (not a valid clip: what the collective and the DTensor handling add);\n"
-          "'all_reduce' = one all-reduce of one fp64 number, the latency floor of the collective")
+        table.append(
+            [
+                r["case"] + ("*" if r["noisy"] else ""),
+                r["dtype"],
+                str(r["tensors"]),
+                f"{r['numel']:,}",
+                fmt_us(t["fastclip"]["median_us"]),
+                fmt_us(t["torch"]["median_us"]),
+                f"{r['speedup']:.2f}x",
+                fmt_us(t["fastclip_local"]["median_us"]),
+                fmt_us(t["all_reduce"]["median_us"]),
+            ]
+        )
+    print(
+        f"\nFSDP2, {world} ranks, gloo, CPU, 1 thread per rank; median over {args.repeats} repeats "
+        "of the slowest rank's time per call;\n'local pass' = fastclip on the local shards alone, "
+        "no all-reduce (not a valid clip: what the collective and the DTensor handling add);\n"
+        "'all_reduce' = one all-reduce of one fp64 number, the latency floor of the collective"
+    )
     print_aligned(hdr, table, left_cols=2, file=sys.stdout)
     for r in rows:
         if r.get("error"):
@@ -227,21 +273,36 @@ def report(rows, world, args, fastclip):
         print("NOT QUIET: * marks cases during which other processes used the CPU; rerun before quoting them.")
     if args.no_json:
         return
-    path = Path(args.json) if args.json else (
-        _REPO / "bench" / "results"
-        / f"distributed-cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
-    out = {"command": args.command, "environment": environment_info(fastclip), "world_size": world,
-           "backend": "gloo", "threads_per_rank": 1, "repeats": args.repeats, "warmup": args.warm,
-           "method": "interleaved per repeat, barrier before each call, time = slowest rank; median over repeats",
-           "cases": rows}
+    path = (
+        Path(args.json)
+        if args.json
+        else (
+            _REPO
+            / "bench"
+            / "results"
+            / f"distributed-cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+        )
+    )
+    out = {
+        "command": args.command,
+        "environment": environment_info(fastclip),
+        "world_size": world,
+        "backend": "gloo",
+        "threads_per_rank": 1,
+        "repeats": args.repeats,
+        "warmup": args.warm,
+        "method": "interleaved per repeat, barrier before each call, time = slowest rank; median over repeats",
+        "cases": rows,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_distributed",
-                                 description="fastclip vs torch clip under FSDP2 (gloo, CPU).")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_distributed", description="fastclip vs torch clip under FSDP2 (gloo, CPU)."
+    )
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="few repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 60, 10 with --quick)")
@@ -268,9 +329,22 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1", FASTCLIP_BENCH_COMMAND=command)
         worker_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-        procs = [subprocess.Popen([sys.executable, "-m", "bench.bench_distributed", *worker_argv,
-                                   "--worker", str(r), os.path.join(tmp, "store")], cwd=_REPO, env=env)
-                 for r in range(args.world_size)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bench_distributed",
+                    *worker_argv,
+                    "--worker",
+                    str(r),
+                    os.path.join(tmp, "store"),
+                ],
+                cwd=_REPO,
+                env=env,
+            )
+            for r in range(args.world_size)
+        ]
         try:
             codes = [p.wait() for p in procs]
         finally:

@@ -27,6 +27,7 @@ reported as MISMATCH, not timed, and the exit status is 1.
     python bench/bench_gpu.py --quick
     python bench/bench_gpu.py --json bench/results/gpu.json --cases mlp,gpt2 --dtypes fp32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ if not __package__:
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    command_line, environment_info, fmt_us, gpt2_small_shapes, mlp_shapes, nature_cnn_shapes, one_billion_shapes,
-    stats)
+    command_line,
+    environment_info,
+    fmt_us,
+    gpt2_small_shapes,
+    mlp_shapes,
+    nature_cnn_shapes,
+    one_billion_shapes,
+    stats,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -171,13 +179,22 @@ def copy_bandwidth(flush, repeats=20):
 def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps):
     desc, shapes, reps_full, reps_quick, target = CASES[name]
     gs = GradSet(shapes(), DTYPES[dtype_name])
-    row = {"case": name, "what": desc, "dtype": dtype_name, "tensors": len(shapes()),
-           "numel": gs.numel, "bytes": gs.nbytes}
+    row = {
+        "case": name,
+        "what": desc,
+        "dtype": dtype_name,
+        "tensors": len(shapes()),
+        "numel": gs.numel,
+        "bytes": gs.nbytes,
+    }
     error = check(fastclip, gs)
     if error:
         row["error"] = error
         return row
-    src, dst = torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda"), torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda")
+    src, dst = (
+        torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda"),
+        torch.empty(gs.nbytes, dtype=torch.uint8, device="cuda"),
+    )
     eager = {
         "fastclip": lambda: fastclip.clip_grad_norm_(gs.params, gs.max_norm),
         "torch": lambda: torch.nn.utils.clip_grad_norm_(gs.params, gs.max_norm, foreach=True),
@@ -208,7 +225,12 @@ def targets(rows):
             continue
         tag = f"{r['case']} {r['dtype']}"
         if r["target_speedup_vs_torch"]:
-            out.append((f"{tag}: >= {r['target_speedup_vs_torch']:g}x torch", r["speedup_vs_torch"] >= r["target_speedup_vs_torch"]))
+            out.append(
+                (
+                    f"{tag}: >= {r['target_speedup_vs_torch']:g}x torch",
+                    r["speedup_vs_torch"] >= r["target_speedup_vs_torch"],
+                )
+            )
         if r["numel"] >= 100_000_000:
             out.append((f"{tag}: >= 90% of copy bandwidth", r["fraction_of_copy_bandwidth"]["fastclip"] >= 0.9))
         out.append((f"{tag}: not slower than torch", r["speedup_vs_torch"] >= 1.0))
@@ -217,8 +239,21 @@ def targets(rows):
 
 def print_table(rows, copy_gbps):
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
-    hdr = ["case", "dtype", "tensors", "elements", "fastclip us", "torch us", "torch-graph us",
-           "fc-graph us", "x torch", "x torch-graph", "fc GB/s", "% copy", "launches fc/torch"]
+    hdr = [
+        "case",
+        "dtype",
+        "tensors",
+        "elements",
+        "fastclip us",
+        "torch us",
+        "torch-graph us",
+        "fc-graph us",
+        "x torch",
+        "x torch-graph",
+        "fc GB/s",
+        "% copy",
+        "launches fc/torch",
+    ]
     table = []
     for r in rows:
         head = [r["case"], r["dtype"], str(r["tensors"]), f"{r['numel']:,}"]
@@ -227,11 +262,20 @@ def print_table(rows, copy_gbps):
             continue
         m = {k: v["median_us"] for k, v in r["times"].items()}
         lc = r["launches"]
-        table.append(head + [fmt_us(m["fastclip"]), fmt_us(m["torch"]), fmt_us(m["torch-graph"]),
-                             fmt_us(m["fastclip-graph"]), f"{r['speedup_vs_torch']:.1f}x",
-                             f"{r['speedup_vs_torch_graph']:.1f}x", f"{r['clip_GBps']['fastclip']:.0f}",
-                             f"{100 * r['fraction_of_copy_bandwidth']['fastclip']:.0f}%",
-                             f"{lc['fastclip']['kernels']}/{lc['torch']['kernels']}"])
+        table.append(
+            head
+            + [
+                fmt_us(m["fastclip"]),
+                fmt_us(m["torch"]),
+                fmt_us(m["torch-graph"]),
+                fmt_us(m["fastclip-graph"]),
+                f"{r['speedup_vs_torch']:.1f}x",
+                f"{r['speedup_vs_torch_graph']:.1f}x",
+                f"{r['clip_GBps']['fastclip']:.0f}",
+                f"{100 * r['fraction_of_copy_bandwidth']['fastclip']:.0f}%",
+                f"{lc['fastclip']['kernels']}/{lc['torch']['kernels']}",
+            ]
+        )
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(hdr)]
     for cells in [hdr, ["-" * w for w in widths]] + table:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
@@ -250,8 +294,7 @@ def main(argv=None):
     import fastclip
 
     if fastclip.backend() != "cuda":
-        print(f"WARNING: fastclip.backend() is {fastclip.backend()!r}: not timing the CUDA kernels",
-              file=sys.stderr)
+        print(f"WARNING: fastclip.backend() is {fastclip.backend()!r}: not timing the CUDA kernels", file=sys.stderr)
     env = environment_info(fastclip)
     env["command"] = command_line(__spec__)
     scratch = torch.empty(2 * env["gpu"]["l2_bytes"], dtype=torch.uint8, device="cuda")
@@ -271,7 +314,9 @@ def main(argv=None):
         stamp = _dt.date.today().isoformat() + ("-quick" if args.quick else "")
         path = Path(args.json or _REPO / "bench" / "results" / f"gpu-{stamp}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"environment": env, "copy_GBps": copy_gbps, "cases": rows, "targets": goals}, indent=2) + "\n")
+        path.write_text(
+            json.dumps({"environment": env, "copy_GBps": copy_gbps, "cases": rows, "targets": goals}, indent=2) + "\n"
+        )
         print(f"wrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -29,6 +29,7 @@ call with CUDA events.
     python -m bench.bench_update --nets dqn,a2c --threads 2 --json /tmp/update.json
     python -m bench.bench_update --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,18 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.distributions import Categorical  # noqa: E402
 
-from bench.common import (  # noqa: E402
-    NOISY_CORES, OtherLoad, backend_of, command_line, environment_info, import_fastclip, warn_backend)
-from bench.common import fmt_us, print_aligned, run_rounds  # noqa: E402
+from bench.common import (  # noqa: E402  # noqa: E402
+    NOISY_CORES,
+    OtherLoad,
+    backend_of,
+    command_line,
+    environment_info,
+    fmt_us,
+    import_fastclip,
+    print_aligned,
+    run_rounds,
+    warn_backend,
+)
 
 try:
     from tqdm import tqdm
@@ -68,9 +78,9 @@ VARIANTS = ("none", "torch", "fastclip")
 class QNetwork(nn.Module):
     def __init__(self, obs_dim=4, n_actions=2, hidden=128):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, n_actions))
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_actions)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -79,21 +89,29 @@ class QNetwork(nn.Module):
 class ActorCritic(nn.Module):
     def __init__(self, obs_dim=4, n_actions=2, hidden=64):
         super().__init__()
-        self.critic = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(),
-                                    nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        self.actor = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(),
-                                   nn.Linear(hidden, hidden), nn.Tanh(),
-                                   nn.Linear(hidden, n_actions))
+        self.critic = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)
+        )
+        self.actor = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_actions)
+        )
 
 
 class NatureCNN(nn.Module):
     def __init__(self, n_actions=6):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, n_actions))
+            nn.Conv2d(4, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3136, 512),
+            nn.ReLU(),
+            nn.Linear(512, n_actions),
+        )
 
     def forward(self, x):
         return self.net(x.float() / 255.0)
@@ -108,10 +126,18 @@ def _dqn_batches(n, batch, obs_shape, n_actions, device, gen, uint8=False):
         else:
             obs = torch.randn(batch, *obs_shape, generator=gen)
             nxt = torch.randn(batch, *obs_shape, generator=gen)
-        out.append(tuple(t.to(device) for t in (
-            obs, torch.randint(0, n_actions, (batch,), generator=gen),
-            torch.randn(batch, generator=gen).sign(),                     # rewards +-1
-            nxt, (torch.rand(batch, generator=gen) < 0.05).float())))     # terminated
+        out.append(
+            tuple(
+                t.to(device)
+                for t in (
+                    obs,
+                    torch.randint(0, n_actions, (batch,), generator=gen),
+                    torch.randn(batch, generator=gen).sign(),  # rewards +-1
+                    nxt,
+                    (torch.rand(batch, generator=gen) < 0.05).float(),
+                )
+            )
+        )  # terminated
     return out
 
 
@@ -140,10 +166,16 @@ def make_a2c(device, gen, hidden=64, num_envs=8, num_steps=5):
     batch = num_envs * num_steps
     batches = []
     for _ in range(16):
-        batches.append(tuple(t.to(device) for t in (
-            torch.randn(batch, 4, generator=gen),
-            torch.randint(0, 2, (batch,), generator=gen),
-            torch.randn(batch, generator=gen) * 10.0)))                    # n-step returns
+        batches.append(
+            tuple(
+                t.to(device)
+                for t in (
+                    torch.randn(batch, 4, generator=gen),
+                    torch.randint(0, 2, (batch,), generator=gen),
+                    torch.randn(batch, generator=gen) * 10.0,
+                )
+            )
+        )  # n-step returns
     vf_coef, ent_coef = 0.5, 0.01
 
     def loss_fn(model, b):
@@ -172,22 +204,19 @@ NETS = {
 # --------------------------------------------------------------------------------------------
 
 
-def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None, seed=0,
-              max_norm=None):
+def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None, seed=0, max_norm=None):
     desc, batch, factory, default_max_norm = NETS[name]
     max_norm = default_max_norm if max_norm is None else max_norm
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     base, make_opt, batches, loss_fn = factory(device, gen)
     cuda = device.type == "cuda"
-    clips = {"none": None, "torch": torch.nn.utils.clip_grad_norm_,
-             "fastclip": fastclip.clip_grad_norm_}
+    clips = {"none": None, "torch": torch.nn.utils.clip_grad_norm_, "fastclip": fastclip.clip_grad_norm_}
     state = {}
     for v in VARIANTS:
         model = copy.deepcopy(base)
         params = list(model.parameters())
-        state[v] = {"model": model, "params": params, "opt": make_opt(params), "clip": clips[v],
-                    "k": 0}
+        state[v] = {"model": model, "params": params, "opt": make_opt(params), "clip": clips[v], "k": 0}
     n_params = sum(p.numel() for p in base.parameters())
     n_tensors = len(list(base.parameters()))
 
@@ -229,17 +258,28 @@ def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None
             update(v, None if records is None else records[v])
 
     records = {v: {"update": [], "clip": [], "norms": []} for v in VARIANTS}
-    repeats, warm = run_rounds(one_round, records, min_warm=5, warm_s=warm_s, budget_s=budget_s,
-                               rmin=rmin, rmax=rmax, repeats=repeats)
+    repeats, warm = run_rounds(
+        one_round, records, min_warm=5, warm_s=warm_s, budget_s=budget_s, rmin=rmin, rmax=rmax, repeats=repeats
+    )
 
-    res = {"net": name, "description": desc, "batch": batch, "params": n_params,
-           "tensors": n_tensors, "max_grad_norm": max_norm, "repeats": repeats,
-           "warmup_rounds": warm, "variants": {}}
+    res = {
+        "net": name,
+        "description": desc,
+        "batch": batch,
+        "params": n_params,
+        "tensors": n_tensors,
+        "max_grad_norm": max_norm,
+        "repeats": repeats,
+        "warmup_rounds": warm,
+        "variants": {},
+    }
     for v in VARIANTS:
         r = records[v]
-        d = {"update_median_us": statistics.median(r["update"]),
-             "update_p25_us": statistics.quantiles(r["update"], n=4)[0],
-             "update_p75_us": statistics.quantiles(r["update"], n=4)[2]}
+        d = {
+            "update_median_us": statistics.median(r["update"]),
+            "update_p25_us": statistics.quantiles(r["update"], n=4)[0],
+            "update_p75_us": statistics.quantiles(r["update"], n=4)[2],
+        }
         if r["clip"]:
             norms = torch.stack(r["norms"]).float().cpu()
             d["clip_median_us"] = statistics.median(r["clip"])
@@ -251,10 +291,10 @@ def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None
     res["parity_max_rel_err"] = _parity(state["torch"], batches[0], loss_fn, fastclip, max_norm)
     med = {v: res["variants"][v]["update_median_us"] for v in VARIANTS}
     res["update_speedup_torch_over_fastclip"] = med["torch"] / med["fastclip"]
-    res["clip_overhead_us"] = {"torch": med["torch"] - med["none"],
-                               "fastclip": med["fastclip"] - med["none"]}
-    res["clip_call_speedup"] = (res["variants"]["torch"]["clip_median_us"]
-                                / res["variants"]["fastclip"]["clip_median_us"])
+    res["clip_overhead_us"] = {"torch": med["torch"] - med["none"], "fastclip": med["fastclip"] - med["none"]}
+    res["clip_call_speedup"] = (
+        res["variants"]["torch"]["clip_median_us"] / res["variants"]["fastclip"]["clip_median_us"]
+    )
     return res
 
 
@@ -288,42 +328,73 @@ def _parity(s, batch, loss_fn, fastclip, max_norm):
 
 
 def print_table(rows, file=sys.stdout):
-    hdr = ["net", "batch", "params", "tensors", "none us", "torch us", "fastclip us",
-           "update speed-up", "clip torch us", "clip fastclip us", "clip speed-up", "clipped %"]
+    hdr = [
+        "net",
+        "batch",
+        "params",
+        "tensors",
+        "none us",
+        "torch us",
+        "fastclip us",
+        "update speed-up",
+        "clip torch us",
+        "clip fastclip us",
+        "clip speed-up",
+        "clipped %",
+    ]
     table = []
     for r in rows:
         v = r["variants"]
-        table.append([
-            r["net"] + ("*" if r.get("noisy") else ""), str(r["batch"]), f"{r['params']:,}", str(r["tensors"]),
-            fmt_us(v["none"]["update_median_us"]), fmt_us(v["torch"]["update_median_us"]),
-            fmt_us(v["fastclip"]["update_median_us"]),
-            f"{r['update_speedup_torch_over_fastclip']:.3f}x",
-            fmt_us(v["torch"]["clip_median_us"]), fmt_us(v["fastclip"]["clip_median_us"]),
-            f"{r['clip_call_speedup']:.2f}x",
-            f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
-        ])
+        table.append(
+            [
+                r["net"] + ("*" if r.get("noisy") else ""),
+                str(r["batch"]),
+                f"{r['params']:,}",
+                str(r["tensors"]),
+                fmt_us(v["none"]["update_median_us"]),
+                fmt_us(v["torch"]["update_median_us"]),
+                fmt_us(v["fastclip"]["update_median_us"]),
+                f"{r['update_speedup_torch_over_fastclip']:.3f}x",
+                fmt_us(v["torch"]["clip_median_us"]),
+                fmt_us(v["fastclip"]["clip_median_us"]),
+                f"{r['clip_call_speedup']:.2f}x",
+                f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
+            ]
+        )
     print_aligned(hdr, table, left_cols=1, file=file)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_update",
-        description="Per-update time (forward+backward+clip+step) with torch vs fastclip clipping.")
+        description="Per-update time (forward+backward+clip+step) with torch vs fastclip clipping.",
+    )
     ap.add_argument("--quick", action="store_true", help="few repeats; well under 60 s")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--nets", default=",".join(NETS),
-                    help="comma-separated subset of: " + ",".join(NETS))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (default 1, as the trainers in examples/ use; "
-                         "0 keeps torch's default)")
+    ap.add_argument("--nets", default=",".join(NETS), help="comma-separated subset of: " + ",".join(NETS))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1, as the trainers in examples/ use; 0 keeps torch's default)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="fixed rounds per network")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds of measured rounds per network (default 1.5 quick, 10 full)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds of measured rounds per network (default 1.5 quick, 10 full)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-grad-norm", type=float, default=None,
-                    help="override every network's max_grad_norm (e.g. 1e-3 to clip on every update)")
-    ap.add_argument("--json", metavar="PATH", default=None,
-                    help="results file (default bench/results/update-<device>-<date>[-quick].json)")
+    ap.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="override every network's max_grad_norm (e.g. 1e-3 to clip on every update)",
+    )
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="results file (default bench/results/update-<device>-<date>[-quick].json)",
+    )
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -349,10 +420,12 @@ def main(argv=None):
     env = environment_info(fastclip)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    print(f"fastclip {env['fastclip']['version'] or ''} backend={backend_of(fastclip)} | "
-          f"torch {env['torch']} | device={device}"
-          f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''} | {env['cpu']['model']} | "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"fastclip {env['fastclip']['version'] or ''} backend={backend_of(fastclip)} | "
+        f"torch {env['torch']} | device={device}"
+        f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''} | {env['cpu']['model']} | "
+        f"threads={torch.get_num_threads()}"
+    )
 
     rows = []
     it = nets
@@ -365,34 +438,56 @@ def main(argv=None):
         if bar is not None:
             bar.set_postfix_str(n)
         with OtherLoad() as other:
-            row = bench_net(n, fastclip, device, warm_s, budget_s, rmin, rmax, args.repeats,
-                            args.seed, args.max_grad_norm)
+            row = bench_net(
+                n, fastclip, device, warm_s, budget_s, rmin, rmax, args.repeats, args.seed, args.max_grad_norm
+            )
         row["other_processes_cores"] = other.cores
         row["noisy"] = other.cores is not None and other.cores > NOISY_CORES
         rows.append(row)
     wall = time.perf_counter() - t_all
     print()
     print_table(rows)
-    print(f"\nmedian per update (forward + backward + clip + optimizer step), variants interleaved; "
-          f"update speed-up = torch / fastclip; {wall:.1f} s")
+    print(
+        f"\nmedian per update (forward + backward + clip + optimizer step), variants interleaved; "
+        f"update speed-up = torch / fastclip; {wall:.1f} s"
+    )
     noisy = [f"{r['net']} ({r['other_processes_cores']:.2f})" for r in rows if r.get("noisy")]
     if noisy:
-        print(f"* NOT QUIET: other processes used CPU while these ran (average cores): "
-              f"{', '.join(noisy)}; rerun on a quiet machine before quoting these numbers.",
-              file=sys.stderr)
+        print(
+            f"* NOT QUIET: other processes used CPU while these ran (average cores): "
+            f"{', '.join(noisy)}; rerun on a quiet machine before quoting these numbers.",
+            file=sys.stderr,
+        )
     bad = [r["net"] for r in rows if not r["parity_max_rel_err"] < 1e-3]
     if bad:
-        print(f"MISMATCH: fastclip and torch clip differ on {bad} "
-              f"({[r['parity_max_rel_err'] for r in rows if r['net'] in bad]})", file=sys.stderr)
+        print(
+            f"MISMATCH: fastclip and torch clip differ on {bad} "
+            f"({[r['parity_max_rel_err'] for r in rows if r['net'] in bad]})",
+            file=sys.stderr,
+        )
 
     if not args.no_json:
-        path = Path(args.json) if args.json else (
-            _REPO / "bench" / "results" / (f"update-{device.type}-{_dt.date.today().isoformat()}"
-                                           f"{'-quick' if args.quick else ''}.json"))
+        path = (
+            Path(args.json)
+            if args.json
+            else (
+                _REPO
+                / "bench"
+                / "results"
+                / (f"update-{device.type}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+            )
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
-        out = {"benchmark": "bench_update", "command": command_line(__spec__),
-               "quick": args.quick, "device": str(device), **env,
-               "threads": torch.get_num_threads(), "wall_s": wall, "nets": rows}
+        out = {
+            "benchmark": "bench_update",
+            "command": command_line(__spec__),
+            "quick": args.quick,
+            "device": str(device),
+            **env,
+            "threads": torch.get_num_threads(),
+            "wall_s": wall,
+            "nets": rows,
+        }
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {path}")
     return 1 if bad else 0

@@ -3,6 +3,7 @@ the model-shaped gradient sets, the measuring loop (warm up, size the run to a
 time budget, then call one_round(k, samples) `repeats` times with the GC off),
 interleaved CPU timing, the statistics, the environment record, other processes'
 load, and the plain-text table."""
+
 import datetime as _dt
 import gc
 import os
@@ -28,11 +29,16 @@ def mlp_shapes():
 def nature_cnn_shapes():
     # Nature DQN (Mnih et al. 2015), 4x84x84 input, 6 actions -> 10 tensors, 1,687,206 elements.
     return [
-        (32, 4, 8, 8), (32,),
-        (64, 32, 4, 4), (64,),
-        (64, 64, 3, 3), (64,),
-        (512, 3136), (512,),
-        (6, 512), (6,),
+        (32, 4, 8, 8),
+        (32,),
+        (64, 32, 4, 4),
+        (64,),
+        (64, 64, 3, 3),
+        (64,),
+        (512, 3136),
+        (512,),
+        (6, 512),
+        (6,),
     ]
 
 
@@ -40,8 +46,18 @@ def gpt2_blocks_shapes():
     # Two GPT-2-small blocks (d=768): q, k, v, out projections 768x768, MLP 3072x768 and
     # 768x3072, each with its bias -> 24 tensors, 14,169,600 elements.
     block = [
-        (768, 768), (768,), (768, 768), (768,), (768, 768), (768,), (768, 768), (768,),
-        (3072, 768), (3072,), (768, 3072), (768,),
+        (768, 768),
+        (768,),
+        (768, 768),
+        (768,),
+        (768, 768),
+        (768,),
+        (768, 768),
+        (768,),
+        (3072, 768),
+        (3072,),
+        (768, 3072),
+        (768,),
     ]
     return block * 2
 
@@ -58,8 +74,20 @@ def tiny_shapes(n=3000, seed=0):
 
 
 def gpt2_small_shapes():  # HF GPT-2 small parameter shapes: 148 tensors, 124,439,808 elements
-    layer = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),  # ln_1, attn
-             (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]  # ln_2, mlp
+    layer = [
+        (768,),
+        (768,),
+        (768, 2304),
+        (2304,),
+        (768, 768),
+        (768,),  # ln_1, attn
+        (768,),
+        (768,),
+        (768, 3072),
+        (3072,),
+        (3072, 768),
+        (768,),
+    ]  # ln_2, mlp
     return [(50257, 768), (1024, 768)] + layer * 12 + [(768,), (768,)]
 
 
@@ -71,7 +99,6 @@ def one_billion_shapes():  # 20 decoder layers of d=2048 (qkv, out, up, down, 2 
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-
 
 
 def run_rounds(one_round, samples, *, min_warm, warm_s, budget_s, rmin, rmax, repeats=None):
@@ -108,12 +135,10 @@ def fmt_us(x):
 
 def print_aligned(hdr, table, left_cols, file):
     """A plain-text table: the first `left_cols` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
-              for i, h in enumerate(hdr)]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(hdr)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < left_cols else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < left_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     print(line(hdr), file=file)
     print("  ".join("-" * w for w in widths), file=file)
@@ -140,8 +165,9 @@ def time_interleaved(methods, warm_s, budget_s, rmin, rmax, repeats=None):
                 samples[name].append((t1 - t0) / 1e3)
 
     samples = {n: [] for n in names}
-    repeats, warm = run_rounds(one_round, samples, min_warm=3, warm_s=warm_s, budget_s=budget_s,
-                               rmin=rmin, rmax=rmax, repeats=repeats)
+    repeats, warm = run_rounds(
+        one_round, samples, min_warm=3, warm_s=warm_s, budget_s=budget_s, rmin=rmin, rmax=rmax, repeats=repeats
+    )
     return samples, repeats, warm
 
 
@@ -158,8 +184,11 @@ class OtherLoad:
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.t0
         busy, own = _system_busy_s(), _own_cpu_s()
-        self.cores = (None if busy is None or self.busy0 is None or wall <= 0
-                      else max(0.0, (busy - self.busy0) - (own - self.own0)) / wall)
+        self.cores = (
+            None
+            if busy is None or self.busy0 is None or wall <= 0
+            else max(0.0, (busy - self.busy0) - (own - self.own0)) / wall
+        )
         return False
 
 
@@ -190,8 +219,6 @@ def stats(xs):
 # --------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------
-
-
 
 
 def cpu_model():
@@ -235,12 +262,21 @@ def environment_info(fastclip=None):
 def gpu_info():
     props = torch.cuda.get_device_properties(0)
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         driver = None
-    return {"device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": props.L2_cache_size,
-            "memory_bytes": props.total_memory, "driver": driver}
+    return {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "l2_bytes": props.L2_cache_size,
+        "memory_bytes": props.total_memory,
+        "driver": driver,
+    }
 
 
 def backend_of(fastclip):
@@ -263,17 +299,23 @@ def import_fastclip():
     try:
         import fastclip
     except Exception as exc:  # noqa: BLE001
-        sys.exit(f"cannot import fastclip ({type(exc).__name__}: {exc}); build it first: "
-                 "pip install --no-build-isolation .")
+        sys.exit(
+            f"cannot import fastclip ({type(exc).__name__}: {exc}); build it first: pip install --no-build-isolation ."
+        )
     if not hasattr(fastclip, "clip_grad_norm_"):
-        sys.exit(f"fastclip at {getattr(fastclip, '__file__', None) or list(fastclip.__path__)} "
-                 "has no clip_grad_norm_ (a source tree without the package?)")
+        sys.exit(
+            f"fastclip at {getattr(fastclip, '__file__', None) or list(fastclip.__path__)} "
+            "has no clip_grad_norm_ (a source tree without the package?)"
+        )
     return fastclip
 
 
 def warn_backend(fastclip, want):
     b = backend_of(fastclip)
     if b != want:
-        print(f"WARNING: fastclip.backend() is {b!r}, not {want!r} (fastclip from "
-              f"{getattr(fastclip, '__file__', '?')}): these numbers do not measure the compiled "
-              "extension.", file=sys.stderr)
+        print(
+            f"WARNING: fastclip.backend() is {b!r}, not {want!r} (fastclip from "
+            f"{getattr(fastclip, '__file__', '?')}): these numbers do not measure the compiled "
+            "extension.",
+            file=sys.stderr,
+        )

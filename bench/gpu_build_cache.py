@@ -16,6 +16,7 @@ nvcc's versions, the Python version, the target architectures and the build swit
     python bench/gpu_build_cache.py ensure [--export DIR]
     python bench/gpu_build_cache.py key        print the key (no build)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -15,6 +15,7 @@ arguments, separated by the unit separator \\x1f) it checks, without importing t
     python bench/gpu_dry_run.py PLAN_FILE --python PYTHON
 Exit status 1 when any command does not resolve.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def _defines_flag(source: str, flag: str) -> bool:
 
 def _check_flags(path: Path, args: list[str]) -> list[str]:
     source = path.read_text()
-    return [f"{path.relative_to(REPO)} defines no {a.split('=', 1)[0]}"
-            for a in args if a.startswith("--") and not _defines_flag(source, a)]
+    return [
+        f"{path.relative_to(REPO)} defines no {a.split('=', 1)[0]}"
+        for a in args
+        if a.startswith("--") and not _defines_flag(source, a)
+    ]
 
 
 def _check_pytest(args: list[str]) -> list[str]:
@@ -104,7 +108,7 @@ def check_command(argv: list[str], python: str) -> tuple[list[str], list[str]]:
     elif not shutil.which(exe) and not (REPO / exe).is_file():
         problems.append(f"executable {exe} not found")
     if python in argv:
-        problems += _check_python(argv[argv.index(python) + 1:])
+        problems += _check_python(argv[argv.index(python) + 1 :])
     elif exe == "bash":
         if len(argv) < 2 or not (REPO / argv[1]).is_file():
             problems.append(f"bash script {argv[1:2]} not found")

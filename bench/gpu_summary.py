@@ -24,6 +24,7 @@ replaces its earlier row. Stage summaries and the aggregate are recomputed from 
                                                            -> RESULTS/summary.{json,txt}, exit 1 on failures
     python bench/gpu_summary.py statuses RESULTS/<stage>   "step status" lines (the dry run's self-check)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,7 @@ def _declared_not_run(log: Path) -> list[tuple[str, str]]:
     if log.is_file():
         for ln in log.read_text(errors="replace").splitlines():
             if ln.startswith(NOT_RUN_MARK):
-                what, _, why = ln[len(NOT_RUN_MARK):].strip().partition(": ")
+                what, _, why = ln[len(NOT_RUN_MARK) :].strip().partition(": ")
                 out.append((what.strip(), why.strip() or "no reason given"))
             elif m := PYTEST_SKIP.match(ln):
                 count = f" ({m['n']} tests)" if m["n"] != "1" else ""
@@ -96,14 +97,35 @@ def read_step(path: Path, stage: str) -> list[dict]:
         exit_status = int(rec["result"])
     except ValueError:
         exit_status = None
-    rows = [{"stage": stage, "step": rec["step"], "status": status, "exit": exit_status, "why": why,
-             "seconds": float(rec["seconds"] or 0), "started": rec["started"], "command": rec["command"],
-             "detail": _last_line(log) if status != "not_run" else "",
-             "log": log.name if log.is_file() else None}]
+    rows = [
+        {
+            "stage": stage,
+            "step": rec["step"],
+            "status": status,
+            "exit": exit_status,
+            "why": why,
+            "seconds": float(rec["seconds"] or 0),
+            "started": rec["started"],
+            "command": rec["command"],
+            "detail": _last_line(log) if status != "not_run" else "",
+            "log": log.name if log.is_file() else None,
+        }
+    ]
     for what, reason in _declared_not_run(log):
-        rows.append({"stage": stage, "step": f"{rec['step']}: {what}", "status": "not_run", "exit": None,
-                     "why": reason, "seconds": 0.0, "started": rec["started"], "command": "", "detail": "",
-                     "log": log.name})
+        rows.append(
+            {
+                "stage": stage,
+                "step": f"{rec['step']}: {what}",
+                "status": "not_run",
+                "exit": None,
+                "why": reason,
+                "seconds": 0.0,
+                "started": rec["started"],
+                "command": "",
+                "detail": "",
+                "log": log.name,
+            }
+        )
     return rows
 
 
@@ -134,13 +156,30 @@ def aggregate(results: Path, expect=STAGES) -> dict:
     rows = [row for name in order for row in stage_summary(dirs[name])["rows"]]
     for stage in expect:
         if stage not in dirs:
-            rows.append({"stage": stage, "step": "(whole stage)", "status": "not_run", "exit": None,
-                         "why": f"no results: run `bench/gpu_check.sh {stage}`", "seconds": 0.0,
-                         "started": "", "command": "", "detail": "", "log": None})
+            rows.append(
+                {
+                    "stage": stage,
+                    "step": "(whole stage)",
+                    "status": "not_run",
+                    "exit": None,
+                    "why": f"no results: run `bench/gpu_check.sh {stage}`",
+                    "seconds": 0.0,
+                    "started": "",
+                    "command": "",
+                    "detail": "",
+                    "log": None,
+                }
+            )
     envs = [p.read_text(errors="replace").splitlines()[:8] for p in sorted(results.glob("env-*.txt"))]
     counts = _counts(rows)
-    return {"results": str(results), "ok": counts["failed"] == 0, "counts": counts,
-            "verdict": verdict(counts), "environments": envs, "rows": rows}
+    return {
+        "results": str(results),
+        "ok": counts["failed"] == 0,
+        "counts": counts,
+        "verdict": verdict(counts),
+        "environments": envs,
+        "rows": rows,
+    }
 
 
 def verdict(counts: dict) -> str:
@@ -190,8 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("stage_dir", type=Path)
     p = sub.add_parser("aggregate", help="RESULTS/summary.{json,txt} over every stage; exit 1 on failures")
     p.add_argument("results", type=Path)
-    p.add_argument("--expect", default=",".join(STAGES),
-                   help="stages to report as not run when they have no results ('' for none)")
+    p.add_argument(
+        "--expect", default=",".join(STAGES), help="stages to report as not run when they have no results ('' for none)"
+    )
     p = sub.add_parser("statuses", help="'step status' per row of a stage")
     p.add_argument("stage_dir", type=Path)
     args = ap.parse_args(argv)

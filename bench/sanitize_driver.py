@@ -31,6 +31,7 @@ recipe belongs in OP_RECIPES below. Exit status: 0 ok, 2 no CUDA kernels, 3 a re
 
     python bench/sanitize_driver.py [--big]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ def grad_sets(device: str, big: bool) -> dict[str, list[torch.Tensor]]:
     sets = {
         "mixed": [randn(n, dtypes[i % 4]) for i, n in enumerate([1, 7, 64, 8193, 40000, 3])]
         + [torch.empty(0, device=device)],
-        "misaligned": [randn(n + 5, dt)[1 + i % 3: 1 + i % 3 + n] for i, (dt, n) in enumerate(
-            [(torch.float16, 16390), (torch.float32, 8195), (torch.float64, 4099), (torch.bfloat16, 9)])],
+        "misaligned": [
+            randn(n + 5, dt)[1 + i % 3 : 1 + i % 3 + n]
+            for i, (dt, n) in enumerate(
+                [(torch.float16, 16390), (torch.float32, 8195), (torch.float64, 4099), (torch.bfloat16, 9)]
+            )
+        ],
         "strided": [randn(1200).view(30, 40).t(), randn(2400).view(40, 60)[:, ::3]],
         "one_tile": [randn(100)],
         "inline_large": [randn(i % 600 + 1, dtypes[i % 2 * 3]) for i in range(300)],
@@ -147,7 +152,9 @@ def exercise_set(name, grads, check):
 def _per_layer(grads):
     """Both forms: one group per grad ([]), and pairs of grads sharing a group."""
     torch.ops.fastclip.clip_grad_norm_per_layer_([g.clone() for g in grads], [], 0.5, 2.0)
-    torch.ops.fastclip.clip_grad_norm_per_layer_([g.clone() for g in grads], [i // 2 for i in range(len(grads))], 0.5, 2.0)
+    torch.ops.fastclip.clip_grad_norm_per_layer_(
+        [g.clone() for g in grads], [i // 2 for i in range(len(grads))], 0.5, 2.0
+    )
 
 
 def _agc(grads):
@@ -192,11 +199,13 @@ def exercise_other_ops(sets, check):
         name = schema.name.split("::", 1)[1]
         if name in OP_RECIPES and OP_RECIPES[name] is None:
             continue
-        for set_name, grads in sets.items():
+        for grads in sets.values():
             fn = (lambda g=grads: OP_RECIPES[name](g)) if name in OP_RECIPES else generic_call(schema, grads)
             if fn is None:
-                print(f"NOT RUN: op fastclip::{name}: no recipe for its schema {schema}; "
-                      "add one to OP_RECIPES in bench/sanitize_driver.py")
+                print(
+                    f"NOT RUN: op fastclip::{name}: no recipe for its schema {schema}; "
+                    "add one to OP_RECIPES in bench/sanitize_driver.py"
+                )
                 break
             fn()
             check.calls += 1
@@ -207,15 +216,21 @@ def exercise_other_ops(sets, check):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="every fastclip CUDA kernel path once (run under compute-sanitizer)")
     ap.add_argument("--big", action="store_true", help="add a set of > 4096 tiles (35M fp32 elements)")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu runs the same calls on the CPU operator: a check of this driver itself")
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu runs the same calls on the CPU operator: a check of this driver itself",
+    )
     args = ap.parse_args(argv)
     import fastclip
     from fastclip import _ops
 
     if not _ops.has_kernels(args.device) or (args.device == "cuda" and not torch.cuda.is_available()):
-        print(f"no fused {args.device} kernels to check: backend {fastclip.backend()!r}, "
-              f"CUDA kernels built: {_ops.CUDA_BUILT}, GPU: {torch.cuda.is_available()}, {_ops.LOAD_ERROR or ''}")
+        print(
+            f"no fused {args.device} kernels to check: backend {fastclip.backend()!r}, "
+            f"CUDA kernels built: {_ops.CUDA_BUILT}, GPU: {torch.cuda.is_available()}, {_ops.LOAD_ERROR or ''}"
+        )
         return 2
     check = Checker()
     sets = grad_sets(args.device, args.big)
@@ -224,8 +239,10 @@ def main(argv=None) -> int:
         exercise_set(name, grads, check)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        print(f"set {name}: {len(grads)} tensors, {sum(g.numel() for g in grads):,} elements, "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"set {name}: {len(grads)} tensors, {sum(g.numel() for g in grads):,} elements, "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     exercise_other_ops(sets, check)
     if args.device == "cuda":
         torch.cuda.synchronize()

@@ -104,8 +104,8 @@ inline std::vector<bool> repeated_grads(at::TensorList grads, const char* op) {
         repeated[b.index] = true;  // sorted by index among equal starts: keep the first listed
         continue;
       }
-      TORCH_CHECK(!(dense(*reach) && dense(b)), "fastclip::", op, ": grads ", std::min(reach->index, b.index),
-                  " and ", std::max(reach->index, b.index),
+      TORCH_CHECK(!(dense(*reach) && dense(b)), "fastclip::", op, ": grads ", std::min(reach->index, b.index), " and ",
+                  std::max(reach->index, b.index),
                   " share part of their memory, so no scale of each one is a clip; pass each gradient once");
     }
     if (reach == nullptr || b.end > reach->end) reach = &b;

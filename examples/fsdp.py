@@ -14,6 +14,7 @@ Each step also asks torch for the same norm (`torch.nn.utils.get_total_norm`,
 before the clip) and prints both; the run fails if they ever differ by more
 than rounding. Each rank trains on its own batches (data parallel).
 """
+
 import argparse
 import math
 import os
@@ -43,8 +44,10 @@ def parse_args(argv=None):
 def build_model(width, device):
     torch.manual_seed(0)  # the same initial weights on every rank, before sharding
     model = torch.nn.Sequential(
-        torch.nn.Linear(32, width), torch.nn.GELU(),
-        torch.nn.Linear(width, width), torch.nn.GELU(),
+        torch.nn.Linear(32, width),
+        torch.nn.GELU(),
+        torch.nn.Linear(width, width),
+        torch.nn.GELU(),
         torch.nn.Linear(width, 1),
     ).to(device)
     return model
@@ -76,8 +79,10 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     if rank == 0:
-        print(f"fastclip {fastclip.__version__} ({fastclip.backend()}), torch {torch.__version__}, "
-              f"{world} ranks, FSDP2 on {device.type}")
+        print(
+            f"fastclip {fastclip.__version__} ({fastclip.backend()}), torch {torch.__version__}, "
+            f"{world} ranks, FSDP2 on {device.type}"
+        )
         print(f"{'step':>4}  {'loss':>9}  {'fastclip norm':>14}  {'torch norm':>14}  {'rel diff':>9}  clipped")
     worst = 0.0
     for step in range(args.steps):
@@ -95,7 +100,9 @@ def main(argv=None):
         loss_avg = loss.detach().clone()
         dist.all_reduce(loss_avg)
         if rank == 0:
-            print(f"{step:>4}  {loss_avg.item() / world:>9.5f}  {ours.item():>14.7f}  {torch_norm.item():>14.7f}  {rel:>9.1e}  {'yes' if ours.item() > args.max_norm else 'no'}")
+            print(
+                f"{step:>4}  {loss_avg.item() / world:>9.5f}  {ours.item():>14.7f}  {torch_norm.item():>14.7f}  {rel:>9.1e}  {'yes' if ours.item() > args.max_norm else 'no'}"
+            )
     if rank == 0:
         print(f"max relative difference between fastclip's and torch's norm: {worst:.2e} (rtol {args.rtol:g})")
     dist.destroy_process_group()

@@ -24,8 +24,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {"none": "tab:red", "torch": "tab:blue", "fastclip": "tab:green", "autoclip": "tab:purple",
-          "zclip": "tab:orange"}
+COLORS = {
+    "none": "tab:red",
+    "torch": "tab:blue",
+    "fastclip": "tab:green",
+    "autoclip": "tab:purple",
+    "zclip": "tab:orange",
+}
 ORDER = ["none", "torch", "fastclip", "autoclip", "zclip"]
 
 
@@ -78,17 +83,22 @@ def warn_mixed(algo: str, clip: str, group: list[dict], file=sys.stderr) -> bool
     if mixed:
         what = "; ".join(
             f"{name} " + ", ".join(f"{value} ({', '.join(files)})" for value, files in values.items())
-            for name, values in mixed.items())
-        print(f"plot.py: warning: the {len(group)} runs averaged into the {algo}/{clip} curve have "
-              f"different settings: {what}. Pass runs of one setting to compare like with like.",
-              file=file)
+            for name, values in mixed.items()
+        )
+        print(
+            f"plot.py: warning: the {len(group)} runs averaged into the {algo}/{clip} curve have "
+            f"different settings: {what}. Pass runs of one setting to compare like with like.",
+            file=file,
+        )
     return bool(mixed)
 
 
 def markdown_table(runs: dict) -> str:
     """One row per (algo, clip): eval return per seed, mean, train wall time, clip-call time."""
-    lines = ["| algo | clip | seeds | eval return per seed | eval mean | train wall s (mean) | clip calls | clip time s (mean) | grad-norm p50 / p99 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algo | clip | seeds | eval return per seed | eval mean | train wall s (mean) | clip calls | clip time s (mean) | grad-norm p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for algo in sorted(runs):
         for clip in sorted(runs[algo], key=lambda c: ORDER.index(c) if c in ORDER else 99):
             g = sorted(runs[algo][clip], key=lambda s: s["seed"])
@@ -100,7 +110,9 @@ def markdown_table(runs: dict) -> str:
             p50 = np.mean([s["grad_norm_p50"] for s in g if s["grad_norm_p50"] is not None])
             p99 = np.mean([s["grad_norm_p99"] for s in g if s["grad_norm_p99"] is not None])
             seeds = ",".join(str(s["seed"]) for s in g)
-            lines.append(f"| {algo} | {clip} | {seeds} | {per_seed} | {mean:.1f} | {wall:.1f} | {calls} | {ctime:.3f} | {p50:.3g} / {p99:.3g} |")
+            lines.append(
+                f"| {algo} | {clip} | {seeds} | {per_seed} | {mean:.1f} | {wall:.1f} | {calls} | {ctime:.3f} | {p50:.3g} / {p99:.3g} |"
+            )
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from .monitor import Explosion, GradMonitor
 from .patch import is_patched, patch, unpatch
 
 
-def backend():
+def backend() -> str:
     """What runs: "cuda" (CUDA kernels built and a GPU present), "cpu" (compiled
     CPU operator) or "python" (extension not loaded: the reference path)."""
     if not _ops.LOADED:
@@ -23,6 +23,7 @@ def backend():
 
 
 __all__ = [
+    "__version__",
     "adaptive_clip_grad_",
     "AutoClip",
     "ZClip",

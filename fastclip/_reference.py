@@ -9,6 +9,7 @@ fused ops, it is overflow- and underflow-safe for p > 0 (the grads are scaled
 by a power of two near their largest magnitude, which is exact) and counts a
 grad listed twice once. No host synchronisation.
 """
+
 import torch
 
 

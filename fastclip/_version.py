@@ -11,6 +11,7 @@ c10::Stream::native_handle() in torch 2.11 (checked against the headers of the
 sources compile against older headers, but one minimum for every build keeps
 the promise simple, and 2.11 (GPU machines) and 2.13 (CI) are what we run.
 """
+
 import re
 
 __version__ = "0.1.0"

@@ -21,13 +21,25 @@ lost (float32, int64 and 1-element tensors are fine). The papers' public
 implementations read the norm with .item() every step; tests/test_adaptive.py
 holds such references and checks these clippers against them.
 """
+
 import math
 
 import numpy as np
 import torch
 
-from .clip import (_check_grads, _check_max_norm, _check_norm_type, _combine_norms, _device_norms,
-                   _grads_of, _group_by_device, _raise_if_nonfinite, _result_dtype, _scale_groups)
+from .clip import (
+    TensorOrTensors,
+    _check_grads,
+    _check_max_norm,
+    _check_norm_type,
+    _combine_norms,
+    _device_norms,
+    _grads_of,
+    _group_by_device,
+    _raise_if_nonfinite,
+    _result_dtype,
+    _scale_groups,
+)
 from .nonfinite import check_policy, nonfinite_flag, skip_if_nonfinite
 
 _STATE_DTYPE = torch.float64  # thresholds match an fp64 (.item()) reference to rounding
@@ -91,7 +103,7 @@ class _AdaptiveClipper:
         raise NotImplementedError
 
     # -- the step --------------------------------------------------------------------
-    def __call__(self, parameters):
+    def __call__(self, parameters: TensorOrTensors) -> torch.Tensor:
         """Clip the grads of `parameters` in place; returns the pre-clip global norm (0-dim,
         the grads' dtype, first grad's device), as clip_grad_norm_ does. Params without
         grads are skipped; with no grads at all nothing changes and tensor(0.) is returned."""
@@ -151,17 +163,18 @@ class _AdaptiveClipper:
             self._threshold = torch.full((1,), math.inf, dtype=_STATE_DTYPE, device=device)
 
     # -- checkpoints -----------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Hyperparameters and copies of the state tensors (None before the first call)."""
         state = None if self._state is None else {k: v.detach().clone() for k, v in self._state.items()}
         return {"hyperparameters": self._hyperparameters(), "state": state, **self._host_state()}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         """Continue exactly where `state_dict` was taken. The hyperparameters must match."""
         if state_dict.get("hyperparameters") != self._hyperparameters():
             raise ValueError(
                 f"fastclip.{self.name}.load_state_dict: hyperparameters {state_dict.get('hyperparameters')} "
-                f"do not match this clipper's {self._hyperparameters()}")
+                f"do not match this clipper's {self._hyperparameters()}"
+            )
         state = state_dict["state"]
         if state is None:
             self._state = None
@@ -198,7 +211,9 @@ class AutoClip(_AdaptiveClipper):
     name = "AutoClip"
     _INITIAL_CAPACITY = 1024
 
-    def __init__(self, percentile=10.0, history=None, *, norm_type=2.0, nonfinite="torch"):
+    def __init__(
+        self, percentile: float = 10.0, history: int | None = None, *, norm_type: float = 2.0, nonfinite: str = "torch"
+    ):
         self.percentile = _check_open_interval(percentile, "percentile", self.name, 0.0, 100.0, hi_closed=True)
         self.history = None if history is None else _check_int(history, "history", self.name, 1)
         super().__init__(norm_type, nonfinite)
@@ -216,8 +231,10 @@ class AutoClip(_AdaptiveClipper):
     def _new_state(self, device):
         capacity = self.history or self._INITIAL_CAPACITY
         # Unused slots hold +inf: they sort after every real norm.
-        return {"count": torch.zeros(1, dtype=torch.int64, device=device),
-                "norms": torch.full((capacity,), math.inf, dtype=_STATE_DTYPE, device=device)}
+        return {
+            "count": torch.zeros(1, dtype=torch.int64, device=device),
+            "norms": torch.full((capacity,), math.inf, dtype=_STATE_DTYPE, device=device),
+        }
 
     def _before_step(self):
         if self.history is not None:
@@ -225,12 +242,14 @@ class AutoClip(_AdaptiveClipper):
         if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             raise RuntimeError(
                 "fastclip.AutoClip: history=None grows its buffer on the host, which a compiled or "
-                "captured step cannot do; pass a fixed history=N (the last N norms) instead")
+                "captured step cannot do; pass a fixed history=N (the last N norms) instead"
+            )
         self._calls += 1
         norms = self._state["norms"]
         if self._calls > norms.numel():  # the next norm may not fit: double, on the device
-            grown = torch.full((2 * max(norms.numel(), self._calls - 1),), math.inf, dtype=norms.dtype,
-                               device=norms.device)
+            grown = torch.full(
+                (2 * max(norms.numel(), self._calls - 1),), math.inf, dtype=norms.dtype, device=norms.device
+            )
             grown[: norms.numel()].copy_(norms)
             self._state["norms"] = grown
 
@@ -310,27 +329,43 @@ class ZClip(_AdaptiveClipper):
 
     name = "ZClip"
 
-    def __init__(self, alpha=0.97, z_thresh=2.5, warmup_steps=25, max_grad_norm=None, *, norm_type=2.0,
-                 nonfinite="torch"):
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        max_grad_norm: float | None = None,
+        *,
+        norm_type: float = 2.0,
+        nonfinite: str = "torch",
+    ):
         self.alpha = _check_open_interval(alpha, "alpha", self.name, 0.0, 1.0)
         z = float(z_thresh)
         if not (z > 0 and math.isfinite(z)):
             raise ValueError(f"fastclip.{self.name}: z_thresh must be a positive finite number, got {z_thresh!r}")
         self.z_thresh = z
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", self.name, 1)
-        self.max_grad_norm = None if max_grad_norm is None else _check_max_norm(
-            max_grad_norm, self.name, "max_grad_norm")
+        self.max_grad_norm = (
+            None if max_grad_norm is None else _check_max_norm(max_grad_norm, self.name, "max_grad_norm")
+        )
         super().__init__(norm_type, nonfinite)
 
     def _hyperparameters(self):
-        return {"alpha": self.alpha, "z_thresh": self.z_thresh, "warmup_steps": self.warmup_steps,
-                "max_grad_norm": self.max_grad_norm, "norm_type": self.norm_type}
+        return {
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "norm_type": self.norm_type,
+        }
 
     def _new_state(self, device):
-        return {"count": torch.zeros(1, dtype=torch.int64, device=device),
-                "warmup_norms": torch.zeros(self.warmup_steps, dtype=_STATE_DTYPE, device=device),
-                "mean": torch.zeros(1, dtype=_STATE_DTYPE, device=device),
-                "var": torch.zeros(1, dtype=_STATE_DTYPE, device=device)}
+        return {
+            "count": torch.zeros(1, dtype=torch.int64, device=device),
+            "warmup_norms": torch.zeros(self.warmup_steps, dtype=_STATE_DTYPE, device=device),
+            "mean": torch.zeros(1, dtype=_STATE_DTYPE, device=device),
+            "var": torch.zeros(1, dtype=_STATE_DTYPE, device=device),
+        }
 
     def _host_step(self, norm, state, commit):
         count, mean, var = int(state["count"][0]), float(state["mean"][0]), float(state["var"][0])
@@ -346,7 +381,7 @@ class ZClip(_AdaptiveClipper):
                     var = sum((x - mean) ** 2 for x in collected) / w
             threshold = cap
         else:
-            std = var ** 0.5
+            std = var**0.5
             z = (norm - mean) / (std + _EPS)
             spike = z > zt
             clip_to = mean + (zt * std) / (z / zt) if spike else math.nan

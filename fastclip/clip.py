@@ -10,16 +10,26 @@ group by device, one op per device. Inputs the fused ops do not take (p <= 0,
 complex grads, devices without kernels) go through fastclip/_reference.py, as
 does everything when the extension did not load.
 """
+
 import types
 import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 from . import _ops, _reference
 from . import distributed as _distributed  # [distributed] DTensor grads and group=
 from .nonfinite import check_found_inf, check_policy, nonfinite_flag, skip_if_nonfinite
 
 _compiling = torch.compiler.is_compiling
+
+# What torch.nn.utils accepts for `parameters` / `tensors`: one tensor or any iterable of them.
+TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+NormType = float | int | str  # a number, or "inf"
 
 _FUSED_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 
@@ -46,13 +56,10 @@ def _as_list(tensors, fn, what, warn_empty_generator=False):
         tensors = list(tensors)
     except TypeError:
         raise TypeError(
-            f"fastclip.{fn}: {what} must be a Tensor or an iterable of Tensors, "
-            f"got {type(tensors).__name__}"
+            f"fastclip.{fn}: {what} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
         ) from None
     if warn_empty_generator and is_generator and not tensors:
-        warnings.warn(
-            f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=3
-        )
+        warnings.warn(f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     return tensors
 
 
@@ -91,9 +98,7 @@ def _check_norm_type(norm_type, fn):
     try:
         return float(norm_type)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"fastclip.{fn}: norm_type must be a number or 'inf', got {norm_type!r}"
-        ) from None
+        raise ValueError(f"fastclip.{fn}: norm_type must be a number or 'inf', got {norm_type!r}") from None
 
 
 def _result_dtype(grads):
@@ -188,7 +193,14 @@ def _raise_if_nonfinite(norm, norm_type, dtype):
 # ---- public API ----------------------------------------------------------------
 
 
-def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: NormType = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: "ProcessGroup | None" = None,
+) -> torch.Tensor:
     """torch.nn.utils.get_total_norm: the norm of all `tensors` seen as one vector.
 
     Accumulated in float32 (float64 for float64 tensors), returned in the
@@ -216,7 +228,9 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         return norm.to(_result_dtype(tensors))
 
 
-def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors, max_norm: float, total_norm: torch.Tensor | float, foreach: bool | None = None
+) -> None:
     """torch.nn.utils.clip_grads_with_norm_: scale grads by min(max_norm / (total_norm + 1e-6), 1)."""
     fn = "clip_grads_with_norm_"
     grads = _grads_of(parameters, fn)
@@ -235,8 +249,17 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         _scale_groups(_group_by_device(grads), coef)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None,
-                    nonfinite="torch", found_inf=None):
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: NormType = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: "ProcessGroup | None" = None,
+    nonfinite: Literal["torch", "error", "skip"] = "torch",
+    found_inf: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Clip the gradient norm of `parameters` in place; drop-in for torch.nn.utils.clip_grad_norm_.
 
     The norm over all grads (as one vector) is computed and the grads scaled by
@@ -259,8 +282,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     """
     fn = "clip_grad_norm_"
     if nonfinite != "torch" or found_inf is not None:  # the keyword-only non-finite policy
-        return _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, nonfinite,
-                                      found_inf, group, fn)
+        return _clip_grad_norm_policy(
+            parameters, max_norm, norm_type, error_if_nonfinite, nonfinite, found_inf, group, fn
+        )
     if isinstance(parameters, torch.Tensor):
         params = (parameters,)
     elif isinstance(parameters, (list, tuple)):
@@ -289,10 +313,12 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
     _check_grads(grads, fn)
     dtype = _result_dtype(grads)
     groups = _group_by_device(grads)
-    _refuse_dataless(groups, error_if_nonfinite, fn, lambda g: f"parameters[{_index_of(g, [p.grad for p in params])}].grad")
+    _refuse_dataless(
+        groups, error_if_nonfinite, fn, lambda g: f"parameters[{_index_of(g, [p.grad for p in params])}].grad"
+    )
     with torch.no_grad():
         if len(groups) == 1 and not error_if_nonfinite:
-            (device, gs), = groups.items()
+            ((device, gs),) = groups.items()
             if _norm_is_fused(gs, device, norm_type):
                 return _ops.clip_grad_norm_(gs, max_norm, norm_type, dtype)
         # Norm first (the check sees it before any grad is touched), then scale.
@@ -319,8 +345,10 @@ def _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, 
     norm_type = _check_norm_type(norm_type, fn)
     if group is not None or _distributed.any_dtensor(params):  # [distributed]
         if nonfinite == "skip":
-            raise NotImplementedError(f"fastclip.{fn}: nonfinite='skip' is not supported for distributed grads "
-                                      "(DTensor or group=) yet; nonfinite='error' (error_if_nonfinite=True) is")
+            raise NotImplementedError(
+                f"fastclip.{fn}: nonfinite='skip' is not supported for distributed grads "
+                "(DTensor or group=) yet; nonfinite='error' (error_if_nonfinite=True) is"
+            )
         return _distributed.clip_grad_norm_(params, max_norm, norm_type, True, group, fn)
     if nonfinite == "error":
         return _clip_grad_norm_general(params, max_norm, norm_type, True, fn)
@@ -343,7 +371,7 @@ def _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, 
 clip_ = clip_grad_norm_
 
 
-def clip_grad_value_(parameters, clip_value, foreach=None):
+def clip_grad_value_(parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None) -> None:
     """torch.nn.utils.clip_grad_value_: clamp every grad to [-clip_value, clip_value] in place."""
     fn = "clip_grad_value_"
     grads = _grads_of(parameters, fn)

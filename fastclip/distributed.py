@@ -29,6 +29,7 @@ Plain grads without `group` are this rank's own (DDP grads are already equal on
 every rank): they are added to the reduced partial locally, after the
 all-reduce, and no collective is issued for them.
 """
+
 import math
 import sys
 

@@ -1,4 +1,5 @@
 """`python -m fastclip.info`: versions, the backend, and what was built."""
+
 import platform
 
 import torch

@@ -20,10 +20,12 @@ Inside a compiled or captured step record() cannot count on the host: call
 flush() yourself, at least every `every` steps (older rows are overwritten and
 flush() warns how many were lost).
 """
+
 import csv
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -46,8 +48,10 @@ class Explosion(NamedTuple):
     def __str__(self):
         if self.kind == "nonfinite":
             return f"step {self.step}: {self.layer} has a non-finite gradient norm ({self.norm})"
-        return (f"step {self.step}: {self.layer} gradient norm {self.norm:.4g} is "
-                f"{self.norm / self.median:.1f}x its running median {self.median:.4g}")
+        return (
+            f"step {self.step}: {self.layer} gradient norm {self.norm:.4g} is "
+            f"{self.norm / self.median:.1f}x its running median {self.median:.4g}"
+        )
 
 
 def _named_parameters(model):
@@ -56,8 +60,10 @@ def _named_parameters(model):
     try:
         items = list(model)
     except TypeError:
-        raise TypeError(f"fastclip.GradMonitor: model must be an nn.Module or an iterable of parameters "
-                        f"or (name, parameter) pairs, got {type(model).__name__}") from None
+        raise TypeError(
+            f"fastclip.GradMonitor: model must be an nn.Module or an iterable of parameters "
+            f"or (name, parameter) pairs, got {type(model).__name__}"
+        ) from None
     named = [item if isinstance(item, tuple) else (f"param{i}", item) for i, item in enumerate(items)]
     for i, (name, p) in enumerate(named):
         if not isinstance(p, torch.Tensor):
@@ -94,8 +100,18 @@ class GradMonitor:
     everything in memory. on_explosion: called with each Explosion as found.
     """
 
-    def __init__(self, model, every=100, *, k=10.0, window=100, min_history=10, norm_type=2.0, log_dir=None,
-                 on_explosion=None):
+    def __init__(
+        self,
+        model: "torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]]",
+        every: int = 100,
+        *,
+        k: float = 10.0,
+        window: int = 100,
+        min_history: int = 10,
+        norm_type: float = 2.0,
+        log_dir: str | None = None,
+        on_explosion: "Callable[[Explosion], None] | None" = None,
+    ):
         fn = "GradMonitor"
         for name, value, minimum in (("every", every, 1), ("window", window, 1), ("min_history", min_history, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -114,8 +130,9 @@ class GradMonitor:
         n = len(self._params)
         # The fused per-tensor norms op has no kernel on every device yet (CPU only when this
         # was written): elsewhere the pure-torch path (one norm call per tensor) stands in.
-        self._per_tensor_norms = per_tensor_norms if _has_fused_norms(device) else (
-            lambda ts, p: _local_reference.per_tensor_norms(ts, p))
+        self._per_tensor_norms = (
+            per_tensor_norms if _has_fused_norms(device) else (lambda ts, p: _local_reference.per_tensor_norms(ts, p))
+        )
         # The device side: a ring of `every` rows and the count of record() calls.
         self._norms = torch.zeros(every, n, dtype=torch.float32, device=device)
         self._steps = torch.zeros(every, dtype=torch.int64, device=device)
@@ -141,7 +158,7 @@ class GradMonitor:
             self._tb = _tensorboard_writer(log_dir)
 
     # -- every step: device only -------------------------------------------------------
-    def record(self):
+    def record(self) -> None:
         """Record this step's per-parameter gradient norms (call after backward(), before
         clipping). No host sync; flushes every `every` calls in eager mode."""
         grads = [p.grad for p in self._params]
@@ -165,18 +182,22 @@ class GradMonitor:
                 self.flush()
 
     # -- every `every` steps: the host ---------------------------------------------------
-    def flush(self):
+    def flush(self) -> list["Explosion"]:
         """Bring the unflushed rows to the host (one sync), write them out, scan them for
         explosions. Returns the explosions found in them."""
         self._unflushed = 0
         # One transfer: count, step numbers and norms packed in float64 (exact for all three).
         packed = torch.cat([self._count.double(), self._steps.double(), self._norms.double().flatten()]).cpu().numpy()
-        count, steps = int(packed[0]), packed[1:1 + self.every].astype(np.int64)
-        norms = packed[1 + self.every:].reshape(self.every, -1)
+        count, steps = int(packed[0]), packed[1 : 1 + self.every].astype(np.int64)
+        norms = packed[1 + self.every :].reshape(self.every, -1)
         new = count - self._flushed
         if new > self.every:
-            warnings.warn(f"fastclip.GradMonitor: {new - self.every} steps were overwritten before a flush "
-                          f"(flush at least every {self.every} steps)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"fastclip.GradMonitor: {new - self.every} steps were overwritten before a flush "
+                f"(flush at least every {self.every} steps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             new = self.every
         found = []
         for step in range(count - new, count):
@@ -198,9 +219,10 @@ class GradMonitor:
             median = np.nanmedian(self._recent, axis=0)
         nonfinite = ~missing & ~np.isfinite(row)
         spike = np.isfinite(row) & (history >= self.min_history) & (median > 0) & (row > self.k * median)
-        events = [Explosion(step, self.names[j], float(row[j]), float(median[j]),
-                            "nonfinite" if nonfinite[j] else "spike")
-                  for j in np.flatnonzero(nonfinite | spike)]
+        events = [
+            Explosion(step, self.names[j], float(row[j]), float(median[j]), "nonfinite" if nonfinite[j] else "spike")
+            for j in np.flatnonzero(nonfinite | spike)
+        ]
         # Spikes enter the history too, so a lasting change of scale stops being flagged.
         self._recent[self._recent_pos % self.window] = np.where(np.isfinite(row), row, np.nan)
         self._recent_pos += 1
@@ -225,7 +247,7 @@ class GradMonitor:
             for e in events:
                 self._tb.add_text("grad_explosions", str(e), step)
 
-    def close(self):
+    def close(self) -> None:
         """Flush what is left and close the files."""
         self.flush()
         if self._csv is not None:
@@ -244,7 +266,7 @@ class GradMonitor:
         return np.asarray(self.steps), np.stack(self.history)
 
     # -- the picture ---------------------------------------------------------------------
-    def plot(self, path, max_legend=12):
+    def plot(self, path: str, max_legend: int = 12) -> str:
         """Per-layer gradient-norm curves over steps on a log axis, explosions marked
         (spikes with a red x at the norm, non-finite norms with a red line); saved to `path`."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -258,16 +280,25 @@ class GradMonitor:
             ax.plot(steps, y, lw=0.8, label=name if labelled else None)
         spikes = [e for e in self.explosions if e.kind == "spike"]
         if spikes:
-            ax.scatter([e.step for e in spikes], [e.norm for e in spikes], marker="x", color="red", s=40,
-                       zorder=5, label=f"spike (> {self.k:g}x running median)")
+            ax.scatter(
+                [e.step for e in spikes],
+                [e.norm for e in spikes],
+                marker="x",
+                color="red",
+                s=40,
+                zorder=5,
+                label=f"spike (> {self.k:g}x running median)",
+            )
         for i, e in enumerate(e for e in self.explosions if e.kind == "nonfinite"):
             ax.axvline(e.step, color="red", lw=0.8, ls="--", label="non-finite norm" if i == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(f"gradient norm (p={self.norm_type:g})")
         first = self.explosions[0] if self.explosions else None
-        ax.set_title(f"per-layer gradient norms; {len(self.explosions)} explosion(s)"
-                     + (f", first: {first.layer} at step {first.step}" if first else ""))
+        ax.set_title(
+            f"per-layer gradient norms; {len(self.explosions)} explosion(s)"
+            + (f", first: {first.layer} at step {first.step}" if first else "")
+        )
         if labelled or self.explosions:
             ax.legend(fontsize=7, ncol=2)
         fig.savefig(path, dpi=110)

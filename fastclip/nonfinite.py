@@ -12,6 +12,7 @@ clip_grad_norm_ and the adaptive clippers (fastclip/adaptive.py).
              device. torch's fused optimizers skip their step on the device
              when it is 1.0 (see README, "Non-finite gradients").
 """
+
 import torch
 
 POLICIES = ("torch", "error", "skip")

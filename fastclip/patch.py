@@ -7,6 +7,7 @@
 Code that bound torch's function before the patch (`from torch.nn.utils import
 clip_grad_norm_` at import time) keeps torch's: patch before importing it.
 """
+
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
@@ -29,7 +30,7 @@ class _Patch:
         return False
 
 
-def patch():
+def patch() -> "_Patch":
     """Replace torch's clip_grad_norm_ with fastclip's; nestable; a context manager too."""
     global _depth
     if _depth == 0:
@@ -40,7 +41,7 @@ def patch():
     return _Patch()
 
 
-def unpatch():
+def unpatch() -> None:
     """Put torch's clip_grad_norm_ back, however many patches are active."""
     global _depth
     for module, original in _saved.items():
@@ -49,5 +50,5 @@ def unpatch():
     _depth = 0
 
 
-def is_patched():
+def is_patched() -> bool:
     return bool(_saved)

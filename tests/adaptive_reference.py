@@ -12,6 +12,7 @@ LLM Pre-Training", 2025 (Algorithm 1, z-score mode with adaptive scaling):
 warm-up collection, EMA of mean and variance, z-score spike test, clip to
 mean + z_thresh * std / (z / z_thresh), EMA fed with the clipped value.
 """
+
 import numpy as np
 import torch
 
@@ -31,15 +32,16 @@ class ReferenceAutoClip:
         """Clip in place; returns (pre-clip norm, threshold) as host floats."""
         norm = host_norm(params)
         self.norms.append(norm)
-        window = self.norms if self.history is None else self.norms[-self.history:]
+        window = self.norms if self.history is None else self.norms[-self.history :]
         threshold = float(np.percentile(window, self.percentile))
         torch.nn.utils.clip_grad_norm_(params, threshold)
         return norm, threshold
 
 
 class ReferenceZClip:
-    def __init__(self, alpha=0.97, z_thresh=2.5, warmup_steps=25, max_grad_norm=None, eps=1e-6,
-                 update_ema_with_raw_norm=False):
+    def __init__(
+        self, alpha=0.97, z_thresh=2.5, warmup_steps=25, max_grad_norm=None, eps=1e-6, update_ema_with_raw_norm=False
+    ):
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_grad_norm, self.eps = max_grad_norm, eps
         # A deliberately wrong variant, for the tests' negative control.
@@ -59,7 +61,7 @@ class ReferenceZClip:
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             return norm, cap
-        std = self.var ** 0.5
+        std = self.var**0.5
         z = (norm - self.mean) / (std + self.eps)
         clip_val = None
         if z > self.z_thresh:

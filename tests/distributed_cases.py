@@ -8,6 +8,7 @@ RESULT_JSON. Each case compares fastclip with torch's own clip on an identical
 model in this same process group (or, where torch has no distributed
 equivalent, with torch's clip on the full logical tensors).
 """
+
 import datetime
 import json
 import math
@@ -242,8 +243,17 @@ def mixed_meshes_dtypes_and_plain(ctx):
     in one call; the reference is torch's clip on the full logical tensors."""
     mesh2 = init_device_mesh(ctx.device.type, (2, ctx.world // 2), mesh_dim_names=("a", "b"))
     logical = logical_grads(
-        ctx, [((9, 4), torch.float32), ((5,), torch.bfloat16), ((3, 3), torch.float64), ((6,), torch.float32),
-              ((7, 2), torch.float32), ((4,), torch.float32), ((2, 2), torch.bfloat16)])
+        ctx,
+        [
+            ((9, 4), torch.float32),
+            ((5,), torch.bfloat16),
+            ((3, 3), torch.float64),
+            ((6,), torch.float32),
+            ((7, 2), torch.float32),
+            ((4,), torch.float32),
+            ((2, 2), torch.bfloat16),
+        ],
+    )
     for norm_type in (2.0, 3.0, math.inf):
         ours = [
             sharded_param(logical[0], ctx.mesh, [Shard(0)]),
@@ -520,7 +530,10 @@ def main(rank, world, store_file, result_json, backend="gloo"):
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     dist.init_process_group(
-        backend, init_method=f"file://{store_file}", rank=rank, world_size=world,
+        backend,
+        init_method=f"file://{store_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=30),
     )
     ctx = Ctx(rank, world, device)

@@ -1,4 +1,5 @@
 """Shared test helpers: build parameter sets, clone them, compare against torch."""
+
 import math
 
 import torch
@@ -75,7 +76,9 @@ def assert_within_twice_torchs_error(before, ours, our_norm, theirs, torch_norm,
     assert our_norm.dtype == torch_norm.dtype and our_norm.device == torch_norm.device
     our_err, torch_err = abs(float(our_norm) - exact), abs(float(torch_norm) - exact)
     assert our_err <= 2 * torch_err + ulp_floor(our_norm.dtype, exact), (float(our_norm), float(torch_norm), exact)
-    for g_in, g_ours, g_torch, want in zip(grads_in, grads(ours), grads(theirs), exact_clip(grads_in, max_norm, norm_type)):
+    for g_in, g_ours, g_torch, want in zip(
+        grads_in, grads(ours), grads(theirs), exact_clip(grads_in, max_norm, norm_type)
+    ):
         if not want.numel():
             continue
         our_e = (g_ours.detach().cpu().double() - want).abs().max().item()

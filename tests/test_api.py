@@ -1,5 +1,6 @@
 """The rest of the contract: signatures, the companion functions, patch(),
 backend(), the ops themselves, tracing, determinism, the fallback path."""
+
 import inspect
 import math
 import subprocess
@@ -16,9 +17,7 @@ SHAPES = [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]
 needs_extension = pytest.mark.skipif(fastclip.backend() == "python", reason="extension not built")
 
 
-@pytest.mark.parametrize(
-    "name", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
-)
+@pytest.mark.parametrize("name", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"])
 def test_signatures_match_torch(name):
     """torch's parameters, in torch's order, with its defaults and kinds; fastclip's own
     additions (group=, nonfinite=, found_inf=) only keyword-only, with a default, after them."""
@@ -27,7 +26,7 @@ def test_signatures_match_torch(name):
     assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
     for a, b in zip(ours, theirs):
         assert a.default == b.default and a.kind == b.kind
-    for extra in ours[len(theirs):]:
+    for extra in ours[len(theirs) :]:
         assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default is not inspect.Parameter.empty
 
 
@@ -36,7 +35,9 @@ def test_clip_is_an_alias_and_keywords_work():
     params = make_params(SHAPES, scale=5.0)
     theirs = clone_params(params)
     kw = dict(max_norm=1.0, norm_type="inf", error_if_nonfinite=False, foreach=None)
-    torch.testing.assert_close(fastclip.clip_(parameters=params, **kw), torch.nn.utils.clip_grad_norm_(parameters=theirs, **kw))
+    torch.testing.assert_close(
+        fastclip.clip_(parameters=params, **kw), torch.nn.utils.clip_grad_norm_(parameters=theirs, **kw)
+    )
     assert_grads_close(params, theirs)
 
 
@@ -76,7 +77,9 @@ def test_grads_that_require_grad_are_clipped_without_autograd():
     model(torch.randn(8, 4)).pow(2).sum().backward(create_graph=True)
     assert all(p.grad.requires_grad for p in model.parameters())
     theirs = clone_params(list(model.parameters()))
-    torch.testing.assert_close(fastclip.clip_grad_norm_(model.parameters(), 0.1), torch.nn.utils.clip_grad_norm_(theirs, 0.1))
+    torch.testing.assert_close(
+        fastclip.clip_grad_norm_(model.parameters(), 0.1), torch.nn.utils.clip_grad_norm_(theirs, 0.1)
+    )
     assert_grads_close(list(model.parameters()), theirs)
 
 
@@ -114,7 +117,9 @@ def test_backend_is_compiled_after_a_plain_install():
 @needs_extension
 @pytest.mark.parametrize("case", ["total_norm", "clip_grad_norm_", "clip_grad_norm_/bf16", "scale_"])
 def test_opcheck(case):
-    gs = [g.clone() for g in grads(make_params([(5, 7), (3,), (0,)], scale=4.0))] + [torch.randn(4, dtype=torch.float64)]
+    gs = [g.clone() for g in grads(make_params([(5, 7), (3,), (0,)], scale=4.0))] + [
+        torch.randn(4, dtype=torch.float64)
+    ]
     args = {
         "total_norm": (gs, 2.0),
         "clip_grad_norm_": (gs, 0.5, 2.0),

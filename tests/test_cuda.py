@@ -6,6 +6,7 @@ call. Parity with torch over dtypes and norm types, and the numerics edge cases,
 run on CUDA from test_parity.py and test_numerics.py (their `device` fixtures).
 Skipped where no GPU is present.
 """
+
 import math
 import os
 import subprocess
@@ -15,13 +16,11 @@ import textwrap
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA backend needs one to run"
-)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA backend needs one to run")
 
 import fastclip  # noqa: E402
-from fastclip import _ops  # noqa: E402
 import helpers  # noqa: E402
+from fastclip import _ops  # noqa: E402
 from helpers import assert_within_twice_torchs_error, clone_params, exact_norm, grads  # noqa: E402
 
 # A mix of sizes: scalars, biases, a tensor spanning many 32 KiB tiles with a
@@ -86,12 +85,20 @@ def test_misaligned_views_and_layouts():
     """Views at odd element offsets (misaligned 16-byte loads), permuted dense
     tensors, strided views; memory around each view must stay untouched."""
     bases, params = [], []
-    for i, (dtype, n) in enumerate([(torch.float16, 3 * 16384 + 5), (torch.bfloat16, 9), (torch.float32, 8192 + 3),
-                                    (torch.float64, 4096 * 2 + 1), (torch.float32, 1), (torch.float16, 7)]):
+    for i, (dtype, n) in enumerate(
+        [
+            (torch.float16, 3 * 16384 + 5),
+            (torch.bfloat16, 9),
+            (torch.float32, 8192 + 3),
+            (torch.float64, 4096 * 2 + 1),
+            (torch.float32, 1),
+            (torch.float16, 7),
+        ]
+    ):
         base = torch.randn(n + 9, device="cuda").to(dtype)
         bases.append((base, base.clone(), 1 + i % 3, n))
         p = torch.nn.Parameter(torch.empty(n, dtype=dtype, device="cuda"))
-        p.grad = base[1 + i % 3: 1 + i % 3 + n]
+        p.grad = base[1 + i % 3 : 1 + i % 3 + n]
         params.append(p)
     t = torch.nn.Parameter(torch.empty(40, 30, device="cuda"))
     t.grad = torch.randn(30, 40, device="cuda").t()  # dense, permuted
@@ -106,7 +113,7 @@ def test_misaligned_views_and_layouts():
     torch_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
     assert_within_twice_torchs_error(before, params, fc_norm, want, torch_norm, max_norm, 2.0)
     for base, base0, off, n in bases:
-        assert torch.equal(base[:off], base0[:off]) and torch.equal(base[off + n:], base0[off + n:])
+        assert torch.equal(base[:off], base0[:off]) and torch.equal(base[off + n :], base0[off + n :])
     assert torch.equal(parent[:, 1::2], parent_before[:, 1::2])
 
 
@@ -209,7 +216,9 @@ def test_bitwise_deterministic_across_runs_grids_and_fallback(tmp_path):
     for name, env in variants.items():
         other = _run_driver(tmp_path, name, env)
         for a, b in zip(base, other):
-            assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+            assert a.dtype == b.dtype and torch.equal(
+                a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+            ), name
 
 
 _BUSY = textwrap.dedent("""

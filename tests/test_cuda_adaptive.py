@@ -4,6 +4,7 @@ graph (clipper + Adam(fused=True, capturable=True) reading found_inf) replayed a
 the same step run eagerly, non-finite steps skipped inside the graph, fullgraph
 compile, and the CUDA benchmark (bench/bench_adaptive.py --device cuda), whose JSON
 lands in bench/results/. Skipped where no GPU is present."""
+
 import math
 import os
 
@@ -13,16 +14,21 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
-import fastclip  # noqa: E402
 from adaptive_reference import ReferenceAutoClip, ReferenceZClip  # noqa: E402
 from test_adaptive import SHAPES, norm_sequence, set_grads  # noqa: E402
 
+import fastclip  # noqa: E402
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("make_pair", [
-    lambda: (fastclip.AutoClip(percentile=20.0, history=9), ReferenceAutoClip(percentile=20.0, history=9)),
-    lambda: (fastclip.ZClip(warmup_steps=4, max_grad_norm=3.0), ReferenceZClip(warmup_steps=4, max_grad_norm=3.0))],
-    ids=["autoclip", "zclip"])
+@pytest.mark.parametrize(
+    "make_pair",
+    [
+        lambda: (fastclip.AutoClip(percentile=20.0, history=9), ReferenceAutoClip(percentile=20.0, history=9)),
+        lambda: (fastclip.ZClip(warmup_steps=4, max_grad_norm=3.0), ReferenceZClip(warmup_steps=4, max_grad_norm=3.0)),
+    ],
+    ids=["autoclip", "zclip"],
+)
 def test_cuda_clippers_match_the_papers(dtype, make_pair):
     fast, ref = make_pair()
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device="cuda")) for s in SHAPES]
@@ -45,8 +51,14 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).cuda()
 
 
-@pytest.mark.parametrize("make", [lambda: fastclip.AutoClip(percentile=30.0, history=16, nonfinite="skip"),
-                                  lambda: fastclip.ZClip(warmup_steps=3, nonfinite="skip")], ids=["autoclip", "zclip"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastclip.AutoClip(percentile=30.0, history=16, nonfinite="skip"),
+        lambda: fastclip.ZClip(warmup_steps=3, nonfinite="skip"),
+    ],
+    ids=["autoclip", "zclip"],
+)
 def test_training_step_in_a_cuda_graph(make):
     """forward + backward + clipper + fused Adam captured once, replayed on new batches:
     the same parameters as the eager loop, and a NaN batch skipped inside the graph."""
@@ -93,9 +105,10 @@ def test_cuda_step_and_monitor_compile_fullgraph():
     torch._dynamo.reset()
     model = _model()
     clipper, monitor = fastclip.ZClip(warmup_steps=2), fastclip.GradMonitor(model, every=4)
-    compiled = torch.compile(lambda: (monitor.record(), clipper(list(model.parameters()))), fullgraph=True,
-                             backend="aot_eager")
-    for i in range(4):
+    compiled = torch.compile(
+        lambda: (monitor.record(), clipper(list(model.parameters()))), fullgraph=True, backend="aot_eager"
+    )
+    for _ in range(4):
         model.zero_grad()
         model(torch.randn(8, 32, device="cuda")).square().mean().backward()
         compiled()

@@ -6,6 +6,7 @@ process-group start-up are paid once per world size, not once per case; each
 case then reports here as its own test. The group runs under a hard timeout
 and is killed on failure. The NCCL check (world size 1) needs a GPU.
 """
+
 import functools
 import json
 import os
@@ -40,8 +41,15 @@ def run_group(world, tmp_dir, backend="gloo"):
         for rank in range(world):
             log = open(os.path.join(tmp_dir, f"rank{rank}.log"), "w")
             logs.append(log)
-            cmd = [sys.executable, os.path.join(HERE, "distributed_cases.py"), str(rank), str(world), store,
-                   os.path.join(tmp_dir, f"rank{rank}.json"), backend]
+            cmd = [
+                sys.executable,
+                os.path.join(HERE, "distributed_cases.py"),
+                str(rank),
+                str(world),
+                store,
+                os.path.join(tmp_dir, f"rank{rank}.json"),
+                backend,
+            ]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         for p in procs:
             p.wait(timeout=TIMEOUT_S)
@@ -64,7 +72,7 @@ def run_group(world, tmp_dir, backend="gloo"):
     return results, tails, [p.returncode for p in procs]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def group_results(world, tmp_root, backend="gloo"):
     tmp_dir = os.path.join(tmp_root, f"{backend}-world{world}")
     os.makedirs(tmp_dir, exist_ok=True)
@@ -106,8 +114,16 @@ def test_world_4(name, dist_tmp):
     not (torch.cuda.is_available() and torch.distributed.is_available() and torch.distributed.is_nccl_available()),
     reason="needs a GPU and NCCL (the DTensor path on NCCL, world size 1)",
 )
-@pytest.mark.parametrize("name", ["fsdp2_matches_torch", "fsdp2_companions_match_torch", "nonfinite_on_one_rank",
-                                  "tensor_parallel_matches_torch", "patched_unchanged_fsdp2_loop"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fsdp2_matches_torch",
+        "fsdp2_companions_match_torch",
+        "nonfinite_on_one_rank",
+        "tensor_parallel_matches_torch",
+        "patched_unchanged_fsdp2_loop",
+    ],
+)
 def test_nccl_world_1(name, dist_tmp):
     check_case(name, 1, dist_tmp, backend="nccl")
 
@@ -148,10 +164,24 @@ def test_fsdp_example_runs_and_matches_torch(tmp_path):
     procs = []
     try:
         for rank in range(2):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, script, "--steps", "4", "--width", "64"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                OMP_NUM_THREADS="1",
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script, "--steps", "4", "--width", "64"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         outs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
         for p in procs:

@@ -1,4 +1,5 @@
 """Bad input gets a clear error before any gradient is touched."""
+
 import math
 
 import pytest

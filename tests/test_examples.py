@@ -16,8 +16,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gymnasium")
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-REQUIRED = ["eval_return_mean", "eval_return_std", "total_timesteps", "wall_s", "clip", "max_grad_norm",
-            "clip_calls", "clip_time_s", "grad_norm_p50", "grad_norm_p99"]
+REQUIRED = [
+    "eval_return_mean",
+    "eval_return_std",
+    "total_timesteps",
+    "wall_s",
+    "clip",
+    "max_grad_norm",
+    "clip_calls",
+    "clip_time_s",
+    "grad_norm_p50",
+    "grad_norm_p99",
+]
 
 # small settings so that real gradient updates happen within ~2k steps
 SMOKE_ARGS = {
@@ -40,8 +50,23 @@ def _run(algo: str, clip: str, tmp_path, monkeypatch, extra=()):
     out = tmp_path / f"{algo}_{clip}.json"
     threads = torch.get_num_threads()
     try:
-        ret = _load(algo).main([*SMOKE_ARGS[algo], "--clip", clip, "--seed", "1", "--eval-episodes", "2",
-                                "--no-progress", "--run-name", f"{algo}_{clip}", "--summary-json", str(out), *extra])
+        ret = _load(algo).main(
+            [
+                *SMOKE_ARGS[algo],
+                "--clip",
+                clip,
+                "--seed",
+                "1",
+                "--eval-episodes",
+                "2",
+                "--no-progress",
+                "--run-name",
+                f"{algo}_{clip}",
+                "--summary-json",
+                str(out),
+                *extra,
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     with open(out) as f:

@@ -1,6 +1,7 @@
 """The trainers' --clip-mode autoclip|zclip and --monitor: each trainer runs ~2k steps
 in-process (tests/test_examples.py's harness) and must clip with the adaptive
 threshold it logged, and write the monitor's CSV and PNG into the run folder."""
+
 import csv
 import os
 
@@ -10,8 +11,9 @@ pytest.importorskip("gymnasium")
 from test_examples import _run  # noqa: E402
 
 
-@pytest.mark.parametrize("algo, mode", [("a2c", "autoclip"), ("a2c", "zclip"), ("dqn", "zclip"),
-                                        ("reinforce", "autoclip")])
+@pytest.mark.parametrize(
+    "algo, mode", [("a2c", "autoclip"), ("a2c", "zclip"), ("dqn", "zclip"), ("reinforce", "autoclip")]
+)
 def test_adaptive_mode_with_monitor(algo, mode, tmp_path, monkeypatch):
     s = _run(algo, "fastclip", tmp_path, monkeypatch, extra=("--clip-mode", mode, "--monitor", "--log-every", "10"))
     assert s["clip_mode"] == mode and s["clip_calls"] == s["updates"] > 0

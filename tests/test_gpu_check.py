@@ -2,6 +2,7 @@
 failure; what did not run is listed apart, with its reason), the dry run that checks every
 stage's commands resolve, the real run's path when the build is unusable, and the sanitizer
 driver's own logic (run on the CPU operator). Each check has a negative control."""
+
 import importlib.machinery
 import os
 import shutil
@@ -34,15 +35,18 @@ def statuses(summary):
     return {(r["stage"], r["step"]): r["status"] for r in summary["rows"]}
 
 
-@pytest.mark.parametrize("result, limit, cap, status, why", [
-    ("0", "60", "60", "ok", ""),
-    ("1", "60", "60", "failed", "exit status 1"),
-    ("3", "60", "60", "failed", "exit status 3"),
-    ("124", "300", "300", "failed", "timed out after 300 s"),
-    ("124", "120", "300", "failed", "cut from its 300 s cap"),
-    ("137", "60", "60", "failed", "killed"),
-    ("not-run", "", "", "not_run", "compute-sanitizer not found"),
-])
+@pytest.mark.parametrize(
+    "result, limit, cap, status, why",
+    [
+        ("0", "60", "60", "ok", ""),
+        ("1", "60", "60", "failed", "exit status 1"),
+        ("3", "60", "60", "failed", "exit status 3"),
+        ("124", "300", "300", "failed", "timed out after 300 s"),
+        ("124", "120", "300", "failed", "cut from its 300 s cap"),
+        ("137", "60", "60", "failed", "killed"),
+        ("not-run", "", "", "not_run", "compute-sanitizer not found"),
+    ],
+)
 def test_classify(result, limit, cap, status, why):
     got_status, got_why = gpu_summary.classify(result, limit, cap, "compute-sanitizer not found")
     assert got_status == status and why in got_why
@@ -53,9 +57,14 @@ def synthetic_run(results):
     (no sanitizer, a budget skip), a skipped test and a part declared NOT RUN in a log."""
     write_step(results, "build", "build", 0, log="restored from build/gpu-cache/x.tar.gz; not rebuilt\n")
     write_step(results, "build", "backend", 0)
-    write_step(results, "cuda-tests", "test_cuda", 1,
-               log="FAILED tests/test_cuda.py::test_raw_ops\n"
-                   "SKIPPED [1] tests/test_cuda.py:179: needs two GPUs\n3 failed, 60 passed in 50.0s\n")
+    write_step(
+        results,
+        "cuda-tests",
+        "test_cuda",
+        1,
+        log="FAILED tests/test_cuda.py::test_raw_ops\n"
+        "SKIPPED [1] tests/test_cuda.py:179: needs two GPUs\n3 failed, 60 passed in 50.0s\n",
+    )
     write_step(results, "sanitize", "memcheck", 124, limit=180, cap=180)
     write_step(results, "sanitize", "racecheck", "not-run", reason="compute-sanitizer not found")
     write_step(results, "bench", "bench_gpu", 0, log="NOT RUN: case 1b: needs 9 GB\nwrote bench_gpu.json\n")
@@ -135,8 +144,15 @@ def test_dry_run_passes_here():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "selfcheck: ok" in r.stdout
     assert "dry run: 0 of 13 planned commands do not resolve" in r.stdout
-    for step in ("build/build", "cuda-tests/test_cuda", "sanitize/memcheck_fallback", "sanitize/synccheck",
-                 "bench/bench_update_cuda", "trainers/reinforce", "rest/tests_rest"):
+    for step in (
+        "build/build",
+        "cuda-tests/test_cuda",
+        "sanitize/memcheck_fallback",
+        "sanitize/synccheck",
+        "bench/bench_update_cuda",
+        "trainers/reinforce",
+        "rest/tests_rest",
+    ):
         assert f"resolved    {step}:" in r.stdout
 
 
@@ -160,13 +176,16 @@ def test_negative_control_dry_run_catches_unresolved_commands(tmp_path):
     assert "dry run: 2 of 7 planned commands do not resolve" in r.stdout
 
 
-@pytest.mark.parametrize("argv, problem", [
-    (["python", "-c", "print("], "does not compile"),
-    (["python", "-m", "no_such_module_here"], "is not installed"),
-    (["python", "-m", "pytest", "-q", "tests/test_nothing*.py"], "does not exist"),
-    (["python", "-m", "bench.bench_update", "--no-such-flag"], "defines no --no-such-flag"),
-    (["env", "A=1", "no-such-executable", "x"], "not found"),
-])
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["python", "-c", "print("], "does not compile"),
+        (["python", "-m", "no_such_module_here"], "is not installed"),
+        (["python", "-m", "pytest", "-q", "tests/test_nothing*.py"], "does not exist"),
+        (["python", "-m", "bench.bench_update", "--no-such-flag"], "defines no --no-such-flag"),
+        (["env", "A=1", "no-such-executable", "x"], "not found"),
+    ],
+)
 def test_negative_control_check_command(argv, problem):
     problems, _ = gpu_dry_run.check_command(argv, "python")
     assert any(problem in p for p in problems), problems
@@ -184,8 +203,16 @@ def test_real_run_with_unusable_build_fails_and_skips_the_rest(tmp_path):
     archive = tree / "build" / "gpu-cache" / f"fastclip-cuda-{k}.tar.gz"
     archive.parent.mkdir(parents=True)
     subprocess.run(["tar", "-czf", str(archive), "-C", str(tmp_path), f"fastclip/{bogus.name}"], check=True)
-    r = run_script("--out", str(tree / "results"), "--export", str(tmp_path / "out"), "cuda-tests",
-                   cwd=tree, script=tree / "bench" / "gpu_check.sh", env={"GPU_CHECK_BUDGET_S": "200"})
+    r = run_script(
+        "--out",
+        str(tree / "results"),
+        "--export",
+        str(tmp_path / "out"),
+        "cuda-tests",
+        cwd=tree,
+        script=tree / "bench" / "gpu_check.sh",
+        env={"GPU_CHECK_BUDGET_S": "200"},
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     summary = (tree / "results" / "summary.txt").read_text()
     assert "restored from build/gpu-cache" in (tree / "results" / "build" / "build.log").read_text()
@@ -193,7 +220,9 @@ def test_real_run_with_unusable_build_fails_and_skips_the_rest(tmp_path):
     assert "cuda-tests/test_cuda: the build stage failed in this call" in summary
     assert "FAILURES: 1 failed, 1 ok, 1 not run" in summary
     exported = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert len(exported) == 3 and exported[0].startswith("gpu-check-") and exported[1:] == ["summary.json", "summary.txt"]
+    assert (
+        len(exported) == 3 and exported[0].startswith("gpu-check-") and exported[1:] == ["summary.json", "summary.txt"]
+    )
 
 
 def test_build_key_follows_sources_and_switches(tmp_path):

@@ -1,6 +1,7 @@
 """The install path: what pip and setup.py say when they cannot build, the
 torch minimum (metadata, build, import), and the build stamp that lets a second
 `make test` skip the build. Nothing here compiles: each test takes seconds."""
+
 import importlib.metadata
 import os
 import re
@@ -16,8 +17,9 @@ HINT = "pip install --no-build-isolation ."
 
 
 def run(args, env=None, **kwargs):
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                          env=None if env is None else {**os.environ, **env}, **kwargs)
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, env=None if env is None else {**os.environ, **env}, **kwargs
+    )
 
 
 # Runs setup.py with `import torch` failing (as under pip's build isolation) or
@@ -51,8 +53,7 @@ def test_setup_without_torch_exits_with_one_line_naming_the_command():
 def test_setup_with_an_old_torch_exits_with_one_line():
     out = run([sys.executable, "-c", SETUP_WITH, "2.10.1+cu128"])
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [
-        f"error: {_version.torch_too_old('2.10.1+cu128')}"], out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: {_version.torch_too_old('2.10.1+cu128')}"], out.stderr
 
 
 def test_setup_with_a_new_enough_torch_goes_on():
@@ -84,11 +85,20 @@ def test_torch_is_no_build_requirement_and_the_minimum_is_in_the_metadata():
         assert f"torch >= {_version.MIN_TORCH_STR}" in f.read()
 
 
-@pytest.mark.parametrize("version, too_old", [
-    ("2.10.1+cu128", True), ("2.10.0a0+git5678", True), ("2.6.0", True), ("1.13.1", True),
-    ("2.11.0+cu130", False), ("2.11.0a0+git1234abc", False), ("2.11.0.dev20260101+cu130", False),
-    ("2.13.0+cpu", False), ("3.0.0", False),
-])
+@pytest.mark.parametrize(
+    "version, too_old",
+    [
+        ("2.10.1+cu128", True),
+        ("2.10.0a0+git5678", True),
+        ("2.6.0", True),
+        ("1.13.1", True),
+        ("2.11.0+cu130", False),
+        ("2.11.0a0+git1234abc", False),
+        ("2.11.0.dev20260101+cu130", False),
+        ("2.13.0+cpu", False),
+        ("3.0.0", False),
+    ],
+)
 def test_torch_minimum(version, too_old):
     assert (_version.torch_too_old(version) is not None) == too_old
     # pip judges an installed torch by the metadata's requirement: it must agree,

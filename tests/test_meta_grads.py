@@ -1,6 +1,7 @@
 """Grads on the meta device (a shape, no data): where their norm cannot be
 computed, a fastclip error names the grad before anything is touched; among
 themselves they behave as in torch."""
+
 import pytest
 import torch
 
@@ -28,7 +29,9 @@ def test_meta_grad_among_cpu_grads_is_named_and_nothing_is_touched():
     no_grad = torch.nn.Parameter(torch.zeros(2))  # grad None: counted in the index, skipped
     params = cpu + [no_grad, meta_param((7, 2))]
     before = snapshot(params)
-    with pytest.raises(RuntimeError, match=r"clip_grad_norm_: parameters\[3\]\.grad \(shape \(7, 2\)\) is on the meta device"):
+    with pytest.raises(
+        RuntimeError, match=r"clip_grad_norm_: parameters\[3\]\.grad \(shape \(7, 2\)\) is on the meta device"
+    ):
         fastclip.clip_grad_norm_(params, 1e-3)
     assert_untouched(params, before)
     # Control: the same CPU grads without the meta one are clipped, which the

@@ -2,6 +2,7 @@
 explosion found in the right layer and step (and nothing found without it),
 non-finite norms, CSV / TensorBoard / PNG output, bad input, and
 torch.compile(fullgraph=True) of the per-step call."""
+
 import csv
 import math
 
@@ -14,8 +15,9 @@ import fastclip
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 2))
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+    )
 
 
 def backward(model, step, seed=0):
@@ -158,12 +160,15 @@ def test_record_compiles_fullgraph():
     np.testing.assert_allclose(monitor.norms()[1], np.array(expected), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(every=0), ValueError, "every"),
-    (dict(window=0), ValueError, "window"),
-    (dict(k=1.0), ValueError, "k must be"),
-    (dict(norm_type="x"), ValueError, "norm_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(every=0), ValueError, "every"),
+        (dict(window=0), ValueError, "window"),
+        (dict(k=1.0), ValueError, "k must be"),
+        (dict(norm_type="x"), ValueError, "norm_type"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fastclip.GradMonitor(small_model(), **kwargs)

@@ -2,6 +2,7 @@
 never zeroed or wrongly scaled. Each test runs on every path: the fused op on
 each device present, and the pure-torch reference path (forced in-process).
 The oracle is helpers.exact_norm / exact_clip (fp64, overflow-safe)."""
+
 import math
 import os
 

@@ -1,5 +1,6 @@
 """fastclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ on the same (cloned) inputs,
 on every device present (the `device` fixture: CPU, and CUDA where a GPU is)."""
+
 import math
 
 import pytest
@@ -114,8 +115,11 @@ def test_zero_size_grads_with_inf_and_negative_norms(device):
 
 
 def test_mixed_dtypes_in_one_call(device):
-    params = make_params([(10, 10)], torch.float16, seed=5, device=device) + make_params([(20,)], torch.bfloat16, seed=6, device=device) \
+    params = (
+        make_params([(10, 10)], torch.float16, seed=5, device=device)
+        + make_params([(20,)], torch.bfloat16, seed=6, device=device)
         + make_params([(30, 3)], torch.float32, seed=7, device=device)
+    )
     n_ours, n_torch, ours, theirs, exact = run_both(params, max_norm=0.3, oracle=True)
     assert n_ours.dtype == n_torch.dtype == torch.float32
     torch.testing.assert_close(n_ours, n_torch, rtol=2e-3, atol=0)
@@ -123,7 +127,9 @@ def test_mixed_dtypes_in_one_call(device):
 
 
 def test_mixed_with_float64_returns_float64(device):
-    params = make_params([(10, 10)], torch.float64, seed=8, device=device) + make_params([(20,)], torch.float32, seed=9, device=device)
+    params = make_params([(10, 10)], torch.float64, seed=8, device=device) + make_params(
+        [(20,)], torch.float32, seed=9, device=device
+    )
     n_ours, n_torch, ours, theirs, exact = run_both(params, max_norm=0.3, oracle=True)
     assert n_ours.dtype == n_torch.dtype == torch.float64
     # the float32 grads' partial is accumulated in float32: that bounds the precision
@@ -160,7 +166,9 @@ def test_single_tensor_and_generator_inputs(device):
     torch.testing.assert_close(p.grad, q.grad)
     params = make_params(MLP_SHAPES, seed=13, device=device)
     theirs = clone_params(params)
-    torch.testing.assert_close(fastclip.clip_grad_norm_(iter(params), 0.1), torch.nn.utils.clip_grad_norm_((t for t in theirs), 0.1))
+    torch.testing.assert_close(
+        fastclip.clip_grad_norm_(iter(params), 0.1), torch.nn.utils.clip_grad_norm_((t for t in theirs), 0.1)
+    )
     assert_grads_close(params, theirs)
 
 

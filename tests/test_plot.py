@@ -1,6 +1,7 @@
 """examples/plot.py warns when the runs it averages into one curve have different
 settings (a 100k- and a 5k-step run of one seed are not one result), and stays
 quiet for seeds of one experiment. Uses the committed CartPole summaries."""
+
 import importlib.util
 import json
 import os

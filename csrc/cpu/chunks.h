@@ -113,15 +113,20 @@ void over_chunks(const GradSet& set, const Body& body) {
 
 template <NormKind kind, typename V>
 V vec_term(const V& x, const V& p) {
-  if constexpr (kind == NormKind::L2) return x * x;
-  else if constexpr (kind == NormKind::P) return x.abs().pow(p);
-  else return x.abs();
+  if constexpr (kind == NormKind::L2)
+    return x * x;
+  else if constexpr (kind == NormKind::P)
+    return x.abs().pow(p);
+  else
+    return x.abs();
 }
 
 template <NormKind kind, typename V>
 V vec_combine(const V& a, const V& b) {
-  if constexpr (kind == NormKind::Inf) return at::vec::maximum(a, b);
-  else return a + b;
+  if constexpr (kind == NormKind::Inf)
+    return at::vec::maximum(a, b);
+  else
+    return a + b;
 }
 
 // Loads one step of elements as accumulator-precision vectors: one vector for
@@ -141,8 +146,10 @@ struct ReducedLoader {
   static constexpr int64_t kStep = 2 * Vectorized<float>::size();
   static void load(const scalar_t* x, Vectorized<float>* out) { at::vec::load_to_float(x, out[0], out[1]); }
 };
-template <> struct Loader<Half> : ReducedLoader<Half> {};
-template <> struct Loader<BFloat16> : ReducedLoader<BFloat16> {};
+template <>
+struct Loader<Half> : ReducedLoader<Half> {};
+template <>
+struct Loader<BFloat16> : ReducedLoader<BFloat16> {};
 
 template <typename scalar_t>
 using acc_type = typename Loader<scalar_t>::acc_t;

@@ -32,9 +32,8 @@ double combine_chunks(const GradSet& set, NormKind kind, const ChunkFn& chunk_fn
   }
   std::vector<double> partials(set.num_chunks);
   over_chunks(set, [&](int64_t begin, int64_t end) {
-    for_each_chunk(set, begin, end, Order::Forward, [&](const Span& s, int64_t off, int64_t n, int64_t c) {
-      partials[c] = chunk_fn(s, off, n);
-    });
+    for_each_chunk(set, begin, end, Order::Forward,
+                   [&](const Span& s, int64_t off, int64_t n, int64_t c) { partials[c] = chunk_fn(s, off, n); });
   });
   for (const double part : partials) acc = combine(acc, part, kind);
   return acc;
@@ -42,7 +41,8 @@ double combine_chunks(const GradSet& set, NormKind kind, const ChunkFn& chunk_fn
 
 template <NormKind kind>
 double fast_sum(const GradSet& set, double p) {
-  return combine_chunks(set, kind, [p](const Span& s, int64_t off, int64_t n) { return span_partial<kind>(s, off, n, p); });
+  return combine_chunks(set, kind,
+                        [p](const Span& s, int64_t off, int64_t n) { return span_partial<kind>(s, off, n, p); });
 }
 
 // The norm again, overflow- and underflow-safe: max |g|, then the sum of
@@ -53,9 +53,8 @@ double rescued_global_norm(const GradSet& set, double fast_acc, NormKind kind, d
   if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) {
     return finish_norm(fast_acc, kind, p);  // all zero, or an inf element: the fast result stands
   }
-  const double scaled = combine_chunks(set, kind, [&](const Span& s, int64_t off, int64_t n) {
-    return span_scaled_sum(s, off, n, max_abs, kind, p);
-  });
+  const double scaled = combine_chunks(
+      set, kind, [&](const Span& s, int64_t off, int64_t n) { return span_scaled_sum(s, off, n, max_abs, kind, p); });
   return rescued_norm(max_abs, scaled, kind, p);
 }
 
@@ -80,9 +79,8 @@ void scale_grads(const GradSet& set, double coef) {
   if (coef == 1.0) return;  // leave the grads bitwise untouched, as torch's *1 would
   const CoefFactors factors = coef_factors(coef);
   over_chunks(set, [&](int64_t begin, int64_t end) {
-    for_each_chunk(set, begin, end, Order::Backward, [&](const Span& s, int64_t off, int64_t n, int64_t) {
-      scale_span(s, off, n, coef, factors);
-    });
+    for_each_chunk(set, begin, end, Order::Backward,
+                   [&](const Span& s, int64_t off, int64_t n, int64_t) { scale_span(s, off, n, coef, factors); });
   });
   copy_back(set);
 }

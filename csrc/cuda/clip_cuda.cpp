@@ -36,7 +36,7 @@ struct Grads {
   c10::Device device;
   std::vector<gpu::TensorDesc> descs;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (grad, its contiguous copy)
-  bool float_acc = false;  // some grad is accumulated in float (not fp64)
+  bool float_acc = false;                                 // some grad is accumulated in float (not fp64)
 };
 
 Grads gather(at::TensorList grads, const char* op) {
@@ -91,9 +91,9 @@ at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double m
   at::Tensor norm = at::empty({}, at::TensorOptions().dtype(out_dtype).device(g.device));
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/true);
   at::Tensor ws = workspace(g.device, plan.workspace_bytes);
-  check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type),
-                           norm_type, clip, max_norm, g.float_acc, norm.data_ptr(), to_dtype(out_dtype),
-                           ws.data_ptr(), current_stream(g.device)),
+  check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type), norm_type,
+                           clip, max_norm, g.float_acc, norm.data_ptr(), to_dtype(out_dtype), ws.data_ptr(),
+                           current_stream(g.device)),
         op);
   if (clip) copy_back(g);
   return norm;
@@ -119,8 +119,8 @@ void scale_cuda(at::TensorList grads, const at::Tensor& coef) {
   const at::Tensor c = coef.contiguous();  // keeps c alive until the launch is enqueued
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/false);
   at::Tensor ws = workspace(g.device, plan.workspace_bytes);
-  check(gpu::scale(g.descs.data(), static_cast<int>(g.descs.size()), plan, c.data_ptr(),
-                   c.scalar_type() == at::kDouble, ws.defined() ? ws.data_ptr() : nullptr, current_stream(g.device)),
+  check(gpu::scale(g.descs.data(), static_cast<int>(g.descs.size()), plan, c.data_ptr(), c.scalar_type() == at::kDouble,
+                   ws.defined() ? ws.data_ptr() : nullptr, current_stream(g.device)),
         "scale_");
   copy_back(g);
 }

@@ -51,15 +51,14 @@ Plan plan(TensorDesc* descs, int n, bool reduce);
 // the host. On error the CUDA runtime's last error is cleared, so torch's next
 // kernel check does not report ours. workspace: plan(..., true).workspace_bytes
 // of device memory, 16-byte aligned, no initialisation needed.
-cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind,
-                          double p, bool clip, double max_norm, bool float_acc,
-                          void* norm_out, DType norm_out_dtype, void* workspace,
+cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p, bool clip,
+                          double max_norm, bool float_acc, void* norm_out, DType norm_out_dtype, void* workspace,
                           cudaStream_t stream);
 
 // Scales every tensor in place by *coef (a float, or a double when
 // coef_double; device memory), storing nothing when it is exactly 1.
 // workspace: plan(..., false).workspace_bytes of device memory.
-cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef,
-                  bool coef_double, void* workspace, cudaStream_t stream);
+cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef, bool coef_double, void* workspace,
+                  cudaStream_t stream);
 
 }  // namespace fastclip::gpu
