@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
