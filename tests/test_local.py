@@ -340,7 +340,7 @@ def test_per_layer_inputs_and_bad_input():
     t = torch.nn.Parameter(torch.zeros(3))
     t.grad = torch.ones(3)
     assert fastclip.clip_grad_norm_per_layer_(t, 1.0).shape == (1,)  # a single Tensor
-    assert fastclip.clip_grad_norm_per_layer_(iter([t]), 1.0).shape == (1,)
+    assert fastclip.clip_grad_norm_per_layer_((q for q in [t]), 1.0).shape == (1,)  # a generator
     assert fastclip.clip_grad_norm_per_layer_([torch.nn.Parameter(torch.zeros(2))], 1.0).shape == (0,)
     with pytest.warns(UserWarning, match="empty generator"):
         fastclip.clip_grad_norm_per_layer_((x for x in []), 1.0)
@@ -592,6 +592,9 @@ def test_agc_inputs_and_bad_input():
     w.grad = torch.full((3, 4), 5.0)
     fastclip.adaptive_clip_grad_(w, 0.01)  # a single Tensor
     torch.testing.assert_close(w.grad, torch.full((3, 4), 0.01))  # every row held to 0.01 * ||W_i||
+    w.grad.fill_(5.0)
+    fastclip.adaptive_clip_grad_((q for q in [w]), 0.01)  # a generator
+    torch.testing.assert_close(w.grad, torch.full((3, 4), 0.01))
     fastclip.adaptive_clip_grad_([torch.nn.Parameter(torch.zeros(2))])  # no grads: nothing to do
     with pytest.warns(UserWarning, match="empty generator"):
         fastclip.adaptive_clip_grad_(x for x in [])
