@@ -1,5 +1,6 @@
-// The eager hot paths of fastclip.clip_grad_norm_per_layer_ and
-// fastclip.adaptive_clip_grad_ (fastclip/local.py), as clip_params is for
+// The eager hot paths of fastclip.per_tensor_norms,
+// fastclip.clip_grad_norm_per_layer_ and fastclip.adaptive_clip_grad_
+// (fastclip/local.py), as clip_params is for
 // clip_grad_norm_ (py_module.cpp): read each parameter's .grad and check it in
 // C++, then call the op through the C++ dispatcher. On a small model the
 // Python version of this loop costs several times the op itself. Each returns
@@ -50,6 +51,29 @@ inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std:
   return !grads.empty();
 }
 
+// per_tensor_norms(tensors, norm_type) for a list of plain tensors on one device.
+inline py::object tensor_norms(const py::sequence& seq, double norm_type) {
+  std::vector<at::Tensor> ts;
+  ts.reserve(seq.size());
+  for (const py::handle item : seq) {
+    if (!THPVariable_Check(item.ptr())) return py::none();
+    const at::Tensor& t = THPVariable_Unpack(item.ptr());
+    if (!plain(t) || (ts.empty() ? !has_kernels(t.device()) : t.device() != ts[0].device())) return py::none();
+    ts.push_back(t);
+  }
+  if (ts.empty()) return py::none();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastclip::per_tensor_norms", "")
+                             .typed<at::Tensor(at::TensorList, double)>();
+  at::Tensor norms;
+  {
+    py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;
+    norms = op.call(ts, norm_type);
+  }
+  return py::cast(norms);
+}
+
 // clip_grad_norm_per_layer_(params, max_norm, norm_type), one group per grad.
 inline py::object per_layer_params(const py::sequence& seq, double max_norm, double norm_type) {
   std::vector<at::Tensor> grads;
@@ -80,6 +104,8 @@ inline bool agc_params(const py::sequence& seq, double clip_factor, double eps, 
 }
 
 inline void register_functions(py::module_& m) {
+  m.def("tensor_norms", &tensor_norms, py::arg("tensors"), py::arg("norm_type"),
+        "Eager hot path of fastclip.per_tensor_norms (see csrc/local_params.h).");
   m.def("per_layer_params", &per_layer_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
         "Eager hot path of fastclip.clip_grad_norm_per_layer_ (see csrc/local_params.h).");
   m.def("agc_params", &agc_params, py::arg("params"), py::arg("clip_factor"), py::arg("eps"), py::arg("norm_type"),

@@ -75,5 +75,5 @@ PYBIND11_MODULE(_C, m) {
   }, "Whether the CUDA kernels were compiled into this build.");
   m.def("clip_params", &clip_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
         "Eager hot path of fastclip.clip_grad_norm_ (see csrc/py_module.cpp).");
-  fastclip::local_params::register_functions(m);  // per_layer_params, agc_params
+  fastclip::local_params::register_functions(m);  // tensor_norms, per_layer_params, agc_params
 }

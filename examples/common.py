@@ -122,9 +122,9 @@ def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_fact
     """The one place that maps (--clip, --clip-mode) to functions; new modes go here.
 
     Returns (clip, measure): clip(params) clips in place and returns the pre-clip *global* norm
-    as a 0-dim device tensor (so every mode logs the same quantity), or None when the clip
-    function has no such norm; then measure(params) gives it, called before (and not timed
-    with) the clip. (None, measure) for --clip none."""
+    as a 0-dim device tensor (so every mode logs the same quantity); measure is None, or, for a
+    clip function with no such norm (AGC), measure(params) gives it, called before (and not
+    timed with) the clip. (None, measure) for --clip none: the norm only."""
     if kind == "fastclip":
         import fastclip  # imported lazily so --clip torch/none work without the extension
 
@@ -148,7 +148,9 @@ def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_fact
                                                              norm_type),
             "agc": lambda ps: torch_adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
         }
-    return (None if kind == "none" else clip[mode]), measure
+    if kind == "none":
+        return None, measure
+    return clip[mode], (measure if mode == "agc" else None)
 
 
 class Clipper:
@@ -193,7 +195,6 @@ class Clipper:
         self.calls, self.time_s = 0, 0.0
         self.monitor = monitor
         self._fn, self._measure = _clip_fns(kind, mode, self.max_norm, self.norm_type, clip_factor)
-        self._fn_returns_norm = mode != "agc"
 
     def clipped(self, norm: float, limit: float) -> int:
         """1 if the call with this pre-clip global norm and threshold scaled the grads, 0 if not;
@@ -213,7 +214,7 @@ class Clipper:
             self.monitor.record()  # the raw per-layer norms, before any clipping
         if self._fn is None:
             return self._measure(params)
-        pre_norm = None if self._fn_returns_norm else self._measure(params)  # not timed
+        pre_norm = None if self._measure is None else self._measure(params)  # not timed
         t0 = time.perf_counter()
         norm = self._fn(params)
         self.time_s += time.perf_counter() - t0

@@ -35,6 +35,7 @@ CUDA_BUILT = LOADED and _C.cuda_built()
 # The eager hot path's entry (csrc/py_module.cpp), None without the extension.
 clip_params = _C.clip_params if LOADED else None
 # Those of fastclip/local.py's functions (csrc/local_params.h).
+tensor_norms = _C.tensor_norms if LOADED else None
 per_layer_params = _C.per_layer_params if LOADED else None
 agc_params = _C.agc_params if LOADED else None
 

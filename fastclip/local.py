@@ -24,6 +24,13 @@ def per_tensor_norms(tensors, norm_type=2.0):
     A zero-size tensor has norm 0. `tensors`: a Tensor, a list or an iterable.
     """
     fn = "per_tensor_norms"
+    if isinstance(tensors, (list, tuple)) and _ops.tensor_norms is not None:
+        norm_type = _check_norm_type(norm_type, fn)
+        if norm_type > 0 and not _compiling():
+            # The eager hot path: tensors checked and the op called from C++ (csrc/local_params.h).
+            norms = _ops.tensor_norms(tensors, norm_type)
+            if norms is not None:
+                return norms
     tensors = _as_list(tensors, fn, "tensors")
     for i, t in enumerate(tensors):
         _check_tensor(t, i, fn, "tensors")

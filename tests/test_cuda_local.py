@@ -199,3 +199,24 @@ def test_opcheck():
     torch.library.opcheck(op, ([g.clone() for g in gs], [0, 0, 1, 1], 0.5, math.inf))
     ps = [torch.randn_like(g) for g in gs]
     torch.library.opcheck(torch.ops.fastclip.adaptive_clip_grad_.default, (ps, [g.clone() for g in gs], 0.01, 1e-3, 2.0))
+
+
+def test_several_devices_in_one_call():
+    host = agc_params(MLP, torch.float32, seed=33)
+    expected_agc = [agc_reference(q, q.grad, 0.01, 1e-3, 2.0) for q in host]
+    grads = [q.grad for q in host]
+    expected_pl, norms_ref = per_layer_reference(grads, list(range(len(grads))), median_norm(grads, 2.0), 2.0)
+    for fn in ("norms", "per-layer", "agc"):
+        params = to_cuda(host)
+        mixed = [params[i] if i % 2 else back_to_cpu([params[i]])[0] for i in range(len(params))]
+        if fn == "norms":
+            norms = fastclip.per_tensor_norms([q.grad for q in mixed])
+            assert norms.device == mixed[0].grad.device
+            torch.testing.assert_close(norms.double().cpu(), torch.tensor(norms_ref, dtype=torch.float64), rtol=1e-5,
+                                       atol=0)
+        elif fn == "per-layer":
+            fastclip.clip_grad_norm_per_layer_(mixed, median_norm(grads, 2.0))
+            assert_clipped_like(back_to_cpu(mixed), expected_pl)
+        else:
+            fastclip.adaptive_clip_grad_(mixed, 0.01)
+            assert_clipped_like(back_to_cpu(mixed), expected_agc)

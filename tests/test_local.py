@@ -32,26 +32,22 @@ def exact_norm(t, p):
 
 
 def acc_slack(dtype, numel):
-    """What accumulator rounding alone allows, relative: one fp32 ulp of the
-    result plus sqrt(numel) ulps of the accumulator (fp64 for fp64 tensors)."""
-    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    out_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return out_eps + 4 * acc_eps * math.sqrt(max(numel, 1))
+    """What rounding alone allows, relative: one ulp of the result plus
+    4 sqrt(numel) ulps of the accumulator (both fp32; fp64 for fp64 tensors)."""
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return eps * (1 + 4 * math.sqrt(max(numel, 1)))
 
 
 def assert_norms_match(norms, tensors, p):
-    """Each norm within accumulator rounding of the fp64 norm, and no further
-    from it than twice the error of torch's own norm in the tensor's dtype."""
+    """Each norm within accumulator rounding of the fp64 norm: stricter than
+    "2x torch's own error", since torch's fp16/bf16 norm is rounded to 8-11 bits."""
     assert norms.dim() == 1 and norms.numel() == len(tensors)
     for got, t in zip(norms.tolist(), tensors):
         exact = exact_norm(t, p)
         if not math.isfinite(exact):
             assert (math.isnan(got) and math.isnan(exact)) or got == exact, (got, exact)
             continue
-        err = abs(got - exact)
-        assert err <= acc_slack(t.dtype, t.numel()) * exact + 1e-300, (got, exact, t.shape, t.dtype)
-        theirs = float(torch.linalg.vector_norm(t, p)) if t.numel() else 0.0
-        assert err <= 2 * abs(theirs - exact) + acc_slack(t.dtype, t.numel()) * exact + 1e-300
+        assert abs(got - exact) <= acc_slack(t.dtype, t.numel()) * exact + 1e-300, (got, exact, t.shape, t.dtype)
 
 
 def model_grads(shapes, dtype, seed=0, noncontiguous=False, scale=1.0):
@@ -344,7 +340,7 @@ def test_per_layer_inputs_and_bad_input():
     t = torch.nn.Parameter(torch.zeros(3))
     t.grad = torch.ones(3)
     assert fastclip.clip_grad_norm_per_layer_(t, 1.0).shape == (1,)  # a single Tensor
-    assert fastclip.clip_grad_norm_per_layer_(iter([t]), 1.0).shape == (1,)
+    assert fastclip.clip_grad_norm_per_layer_((q for q in [t]), 1.0).shape == (1,)  # a generator
     assert fastclip.clip_grad_norm_per_layer_([torch.nn.Parameter(torch.zeros(2))], 1.0).shape == (0,)
     with pytest.warns(UserWarning, match="empty generator"):
         fastclip.clip_grad_norm_per_layer_((x for x in []), 1.0)
@@ -596,6 +592,9 @@ def test_agc_inputs_and_bad_input():
     w.grad = torch.full((3, 4), 5.0)
     fastclip.adaptive_clip_grad_(w, 0.01)  # a single Tensor
     torch.testing.assert_close(w.grad, torch.full((3, 4), 0.01))  # every row held to 0.01 * ||W_i||
+    w.grad.fill_(5.0)
+    fastclip.adaptive_clip_grad_((q for q in [w]), 0.01)  # a generator
+    torch.testing.assert_close(w.grad, torch.full((3, 4), 0.01))
     fastclip.adaptive_clip_grad_([torch.nn.Parameter(torch.zeros(2))])  # no grads: nothing to do
     with pytest.warns(UserWarning, match="empty generator"):
         fastclip.adaptive_clip_grad_(x for x in [])
