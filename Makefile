@@ -1,7 +1,7 @@
 # The two commands a newcomer needs; each sets itself up (scripts/bootstrap.sh),
 # which builds the extension only when a source, a build flag or torch changed.
 #   make bench   microbenchmarks against torch, then a short trainer run
-#   make test    build, tests, and nvcc compile-check of the CUDA kernels
+#   make test    build, lint, tests, and nvcc compile-check of the CUDA kernels
 PY := .venv/bin/python
 # Quick benchmark results are not measurements to commit: they go under runs/
 # (ignored), not bench/results/.
@@ -17,6 +17,7 @@ NVCC_INPUTS := find csrc .ci/nvcc_check.sh -type f | LC_ALL=C sort | xargs sha25
 	command -v nvcc && nvcc --version; $(PY) -c "import importlib.metadata as m; print(m.version(\"torch\"))"
 
 test: setup
+	bash scripts/lint.sh
 	bash scripts/if_changed.sh nvcc-check '$(NVCC_INPUTS)' env PYTHON=$(PY) bash .ci/nvcc_check.sh
 	$(PY) -m pytest -q tests
 

@@ -22,6 +22,7 @@ mismatch is reported, not timed, and the exit status is 1.
     python -m bench.bench_local --quick
     python -m bench.bench_local --json bench/results/local-cpu-<date>.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,20 @@ sys.path.insert(0, str(_REPO / "examples"))  # the trainers' torch baselines
 import torch  # noqa: E402
 from common import torch_adaptive_clip_grad_, torch_per_layer_clip_  # noqa: E402  (examples/common.py)
 
-from bench.bench_cpu import CASES as CPU_CASES, DTYPES, _numel  # noqa: E402
+from bench.bench_cpu import CASES as CPU_CASES  # noqa: E402
+from bench.bench_cpu import DTYPES, _numel  # noqa: E402
 from bench.common import (  # noqa: E402
-    NOISY_CORES, OtherLoad, command_line, environment_info, fmt_us, import_fastclip, print_aligned, stats,
-    time_interleaved, warn_backend)
+    NOISY_CORES,
+    OtherLoad,
+    command_line,
+    environment_info,
+    fmt_us,
+    import_fastclip,
+    print_aligned,
+    stats,
+    time_interleaved,
+    warn_backend,
+)
 
 # name -> target speed-up over the torch loop (issue 12), per function
 CASES = {"mlp": 10.0, "cnn": 1.5, "gpt2": 1.5, "tiny": None}
@@ -75,10 +86,11 @@ def calls(fastclip, ps: ParamSet, fn):
     """(fastclip call, torch loop call) for one function."""
     params, mx = ps.params, ps.max_norm
     if fn == "per-layer":
-        return (lambda: fastclip.clip_grad_norm_per_layer_(params, mx),
-                lambda: torch_per_layer_clip_(params, mx))
-    return (lambda: fastclip.adaptive_clip_grad_(params, CLIP_FACTOR),
-            lambda: torch_adaptive_clip_grad_(params, CLIP_FACTOR))
+        return (lambda: fastclip.clip_grad_norm_per_layer_(params, mx), lambda: torch_per_layer_clip_(params, mx))
+    return (
+        lambda: fastclip.adaptive_clip_grad_(params, CLIP_FACTOR),
+        lambda: torch_adaptive_clip_grad_(params, CLIP_FACTOR),
+    )
 
 
 def check(ps: ParamSet, ours, theirs):
@@ -117,16 +129,25 @@ def main(argv=None):
     fastclip = import_fastclip()
     env = environment_info(fastclip)
     warn_backend(fastclip, "cpu")
-    print(f"fastclip backend={env['fastclip']['backend']} | torch {env['torch']} | {env['cpu']['model']} "
-          f"({env['cpu']['torch_cpu_capability']}) | threads={env['threads']}")
+    print(
+        f"fastclip backend={env['fastclip']['backend']} | torch {env['torch']} | {env['cpu']['model']} "
+        f"({env['cpu']['torch_cpu_capability']}) | threads={env['threads']}"
+    )
     rows, failed = [], False
     for case in args.cases.split(","):
         desc, shapes_fn, _ = CPU_CASES[case]
         for d in args.dtypes.split(","):
             ps = ParamSet(shapes_fn(), DTYPES[d])
             for fn in args.functions.split(","):
-                row = {"case": case, "description": desc, "dtype": d, "function": fn,
-                       "tensors": len(ps.params), "numel": ps.numel, "target_speedup": CASES[case]}
+                row = {
+                    "case": case,
+                    "description": desc,
+                    "dtype": d,
+                    "function": fn,
+                    "tensors": len(ps.params),
+                    "numel": ps.numel,
+                    "target_speedup": CASES[case],
+                }
                 ours, theirs = calls(fastclip, ps, fn)
                 err = check(ps, ours, theirs)
                 if err:
@@ -140,31 +161,57 @@ def main(argv=None):
                     samples, repeats, warm = time_interleaved(methods, warm_s, budget_s, rmin, rmax)
                 times = {k: stats(v) for k, v in samples.items()}
                 speedup = times["torch_loop"]["median_us"] / times["fastclip"]["median_us"]
-                row.update({"repeats": repeats, "warmup_rounds": warm, "other_processes_cores": other.cores,
-                            "noisy": other.cores is not None and other.cores > NOISY_CORES,
-                            "times": times, "speedup": speedup,
-                            "meets_target": None if CASES[case] is None else speedup >= CASES[case]})
+                row.update(
+                    {
+                        "repeats": repeats,
+                        "warmup_rounds": warm,
+                        "other_processes_cores": other.cores,
+                        "noisy": other.cores is not None and other.cores > NOISY_CORES,
+                        "times": times,
+                        "speedup": speedup,
+                        "meets_target": None if CASES[case] is None else speedup >= CASES[case],
+                    }
+                )
                 rows.append(row)
     hdr = ["case", "dtype", "function", "tensors", "elements", "fastclip us", "torch loop us", "speed-up", "target"]
     table = []
     for r in rows:
         if r.get("error"):
-            table.append([r["case"], r["dtype"], r["function"], str(r["tensors"]), f"{r['numel']:,}", "MISMATCH",
-                          "-", "-", "-"])
+            table.append(
+                [r["case"], r["dtype"], r["function"], str(r["tensors"]), f"{r['numel']:,}", "MISMATCH", "-", "-", "-"]
+            )
             continue
         tgt = r["target_speedup"]
-        table.append([r["case"] + ("*" if r["noisy"] else ""), r["dtype"], r["function"], str(r["tensors"]),
-                      f"{r['numel']:,}", fmt_us(r["times"]["fastclip"]["median_us"]), fmt_us(r["times"]["torch_loop"]["median_us"]),
-                      f"{r['speedup']:.2f}x",
-                      "-" if tgt is None else f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS")])
+        table.append(
+            [
+                r["case"] + ("*" if r["noisy"] else ""),
+                r["dtype"],
+                r["function"],
+                str(r["tensors"]),
+                f"{r['numel']:,}",
+                fmt_us(r["times"]["fastclip"]["median_us"]),
+                fmt_us(r["times"]["torch_loop"]["median_us"]),
+                f"{r['speedup']:.2f}x",
+                "-" if tgt is None else f">={tgt:g}x " + ("ok" if r["meets_target"] else "MISS"),
+            ]
+        )
     print_aligned(hdr, table, left_cols=3, file=sys.stdout)
     noisy = [f"{r['case']} {r['dtype']} {r['function']}" for r in rows if r.get("noisy")]
     if noisy:
-        print(f"NOT QUIET: other processes used > {NOISY_CORES} cores during (*): {', '.join(noisy)}; "
-              "rerun on a quiet machine before quoting these", file=sys.stderr)
+        print(
+            f"NOT QUIET: other processes used > {NOISY_CORES} cores during (*): {', '.join(noisy)}; "
+            "rerun on a quiet machine before quoting these",
+            file=sys.stderr,
+        )
     if args.json:
-        out = {"benchmark": "bench_local", "command": command_line(__spec__), "environment": env,
-               "date": _dt.date.today().isoformat(), "clip_factor": CLIP_FACTOR, "rows": rows}
+        out = {
+            "benchmark": "bench_local",
+            "command": command_line(__spec__),
+            "environment": env,
+            "date": _dt.date.today().isoformat(),
+            "clip_factor": CLIP_FACTOR,
+            "rows": rows,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")

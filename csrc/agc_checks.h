@@ -32,8 +32,8 @@ inline void check_agc_inputs(at::TensorList params, at::TensorList grads, double
                 ")");
     TORCH_CHECK(p.device() == grads[i].device(), "fastclip::", op, ": param ", i, " is on ", p.device(),
                 ", its grad on ", grads[i].device());
-    TORCH_CHECK(p.sizes() == grads[i].sizes(), "fastclip::", op, ": param ", i, " has shape ", p.sizes(),
-                ", its grad ", grads[i].sizes());
+    TORCH_CHECK(p.sizes() == grads[i].sizes(), "fastclip::", op, ": param ", i, " has shape ", p.sizes(), ", its grad ",
+                grads[i].sizes());
   }
 }
 

@@ -36,5 +36,6 @@ TORCH_LIBRARY(fastclip, m) {
   // unit whose grad p-norm reaches clip_factor * max(unit norm of its param,
   // eps) is scaled in place to that. params[i] is grads[i]'s parameter (same
   // shape and device). Kernels: csrc/cpu/agc_cpu.cpp, csrc/cuda/norms_cuda.cpp.
-  m.def("adaptive_clip_grad_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
+  m.def(
+      "adaptive_clip_grad_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
 }

@@ -66,13 +66,16 @@ py::object clip_params(const py::sequence& params, double max_norm, double norm_
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.def("cuda_built", []() {
+  m.def(
+      "cuda_built",
+      []() {
 #ifdef FASTCLIP_WITH_CUDA
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Whether the CUDA kernels were compiled into this build.");
+      },
+      "Whether the CUDA kernels were compiled into this build.");
   m.def("clip_params", &clip_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
         "Eager hot path of fastclip.clip_grad_norm_ (see csrc/py_module.cpp).");
   fastclip::local_params::register_functions(m);  // tensor_norms, per_layer_params, agc_params

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -30,8 +30,7 @@ from torch.distributions import Categorical
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch)
+from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
 
 
 @dataclass
@@ -59,13 +58,13 @@ class Args:
     monitor: bool = False
     """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
     explosions.csv and grad_norms.png in the run folder"""
-    summary_json: Optional[str] = None
+    summary_json: str | None = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
     """torch device: cpu or cuda"""
     num_threads: int = 1
     """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
     log_every: int = 100
     """read per-update metrics back to the host every this many updates"""
@@ -110,13 +109,17 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, hidden: int):
         super().__init__()
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, n_actions), std=0.01),
         )
 
@@ -142,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     run_dir = os.path.join("runs", run_name(args, "a2c"))
 
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(args.env_id) for _ in range(args.num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(args.env_id) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "this A2C needs discrete actions"
     envs.action_space.seed(args.seed)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
@@ -151,8 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     agent = Agent(obs_dim, n_actions, args.hidden).to(device)
     optimizer = make_optimizer(args.optimizer, agent.parameters(), args.learning_rate)
-    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor,
-                      monitor=make_monitor(args.monitor, agent, run_dir, args.log_every))
+    clipper = Clipper(
+        args.clip,
+        args.max_grad_norm,
+        mode=args.clip_mode,
+        clip_factor=args.agc_clip_factor,
+        monitor=make_monitor(args.monitor, agent, run_dir, args.log_every),
+    )
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
 
     # rollout storage: (num_steps, num_envs, ...)
@@ -242,8 +251,15 @@ def main(argv: list[str] | None = None) -> dict:
         # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
         grad_norm = clipper(agent.parameters())  # pre-clip norm, stays on device
         optimizer.step()
-        logger.log_update(global_step, grad_norm=grad_norm, loss=loss.detach(), pg_loss=pg_loss.detach(),
-                          v_loss=v_loss.detach(), entropy=entropy.detach(), lr=optimizer.param_groups[0]["lr"])
+        logger.log_update(
+            global_step,
+            grad_norm=grad_norm,
+            loss=loss.detach(),
+            pg_loss=pg_loss.detach(),
+            v_loss=v_loss.detach(),
+            entropy=entropy.detach(),
+            lr=optimizer.param_groups[0]["lr"],
+        )
         pbar.update(T * N)
     logger.flush()
     wall_s = time.perf_counter() - start
@@ -251,7 +267,17 @@ def main(argv: list[str] | None = None) -> dict:
     envs.close()
 
     agent.eval()
-    return finish_run("a2c", args, logger, clipper, lambda o: int(agent.actor(o).argmax(dim=1).item()), wall_s, global_step, diverged_at, device)
+    return finish_run(
+        "a2c",
+        args,
+        logger,
+        clipper,
+        lambda o: int(agent.actor(o).argmax(dim=1).item()),
+        wall_s,
+        global_step,
+        diverged_at,
+        device,
+    )
 
 
 if __name__ == "__main__":

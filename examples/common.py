@@ -26,8 +26,9 @@ import os
 import random
 import textwrap
 import time
+import types
 import typing
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -47,9 +48,13 @@ def _field_docs(cls) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -58,8 +63,9 @@ def parse_args(cls, argv: list[str] | None = None):
     """Build an argparse parser from dataclass ``cls`` (``--snake-case`` flags) and parse ``argv``."""
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=(cls.__doc__ or "").strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
@@ -69,7 +75,7 @@ def parse_args(cls, argv: list[str] | None = None):
             kw.update(choices=typing.get_args(tp), type=type(typing.get_args(tp)[0]))
         elif tp is bool:
             kw.update(action=argparse.BooleanOptionalAction)
-        elif origin is typing.Union:  # Optional[X]
+        elif origin in (typing.Union, types.UnionType):  # Optional[X], X | None
             kw.update(type=[a for a in typing.get_args(tp) if a is not type(None)][0])
         else:
             kw.update(type=tp)
@@ -132,7 +138,8 @@ def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_fact
         clip = {
             "global": lambda ps: fastclip.clip_grad_norm_(ps, max_norm, norm_type=norm_type),
             "per-layer": lambda ps: torch.linalg.vector_norm(
-                fastclip.clip_grad_norm_per_layer_(ps, max_norm, norm_type), norm_type),
+                fastclip.clip_grad_norm_per_layer_(ps, max_norm, norm_type), norm_type
+            ),
             "agc": lambda ps: fastclip.adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
             # stateful clippers: called as clip(params), they return the norm and keep .threshold
             "autoclip": (lambda: fastclip.AutoClip(norm_type=norm_type)),
@@ -144,8 +151,7 @@ def _clip_fns(kind: str, mode: str, max_norm: float, norm_type: float, clip_fact
         measure = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps], norm_type)  # noqa: E731
         clip = {
             "global": lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type=norm_type),
-            "per-layer": lambda ps: torch.linalg.vector_norm(torch_per_layer_clip_(ps, max_norm, norm_type),
-                                                             norm_type),
+            "per-layer": lambda ps: torch.linalg.vector_norm(torch_per_layer_clip_(ps, max_norm, norm_type), norm_type),
             "agc": lambda ps: torch_adaptive_clip_grad_(ps, clip_factor, norm_type=norm_type),
         }
     if kind == "none":
@@ -184,13 +190,22 @@ class Clipper:
     overhead, not kernel time (no synchronisation is added here on purpose).
     """
 
-    def __init__(self, kind: str, max_norm: float, norm_type: float = 2.0, mode: str = "global",
-                 clip_factor: float = 0.01, monitor=None):
+    def __init__(
+        self,
+        kind: str,
+        max_norm: float,
+        norm_type: float = 2.0,
+        mode: str = "global",
+        clip_factor: float = 0.01,
+        monitor=None,
+    ):
         if kind not in CLIP_CHOICES:
             raise ValueError(f"clip must be one of {CLIP_CHOICES}, got {kind!r}")
         if mode not in CLIP_MODES or (mode in ADAPTIVE_MODES and kind != "fastclip"):
-            raise ValueError(f"clip mode must be one of {CLIP_MODES} ({'/'.join(ADAPTIVE_MODES)} with "
-                             f"--clip fastclip), got {mode!r} with --clip {kind}")
+            raise ValueError(
+                f"clip mode must be one of {CLIP_MODES} ({'/'.join(ADAPTIVE_MODES)} with "
+                f"--clip fastclip), got {mode!r} with --clip {kind}"
+            )
         self.kind, self.mode, self.max_norm, self.norm_type = kind, mode, float(max_norm), float(norm_type)
         self.calls, self.time_s = 0, 0.0
         self.monitor = monitor
@@ -297,8 +312,13 @@ class UpdateLogger:
         host_keys = [k for k in keys if k not in dev_keys]
         # one device->host copy for the whole interval
         if dev_keys:
-            table = torch.stack([torch.stack([m[k].detach().float().reshape(()) for k in dev_keys])
-                                 for _, m in self._pending]).cpu().numpy()
+            table = (
+                torch.stack(
+                    [torch.stack([m[k].detach().float().reshape(()) for k in dev_keys]) for _, m in self._pending]
+                )
+                .cpu()
+                .numpy()
+            )
         else:
             table = np.zeros((len(self._pending), 0))
         if self._metrics_csv is None:
@@ -308,8 +328,11 @@ class UpdateLogger:
         gi = dev_keys.index("grad_norm")
         for i, (step, m) in enumerate(self._pending):
             norm = float(table[i, gi])
-            limit = float(table[i, dev_keys.index("clip_threshold")]) if "clip_threshold" in dev_keys \
+            limit = (
+                float(table[i, dev_keys.index("clip_threshold")])
+                if "clip_threshold" in dev_keys
                 else self.clipper.max_norm
+            )
             clipped = self.clipper.clipped(norm, limit)
             self.clipped.append(clipped)
             host_vals = [float(m[k]) for k in host_keys]
@@ -345,8 +368,9 @@ class UpdateLogger:
 # evaluation + summary
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(make_env: Callable, act: Callable[[torch.Tensor], int], episodes: int, seed: int,
-             device: torch.device) -> list[float]:
+def evaluate(
+    make_env: Callable, act: Callable[[torch.Tensor], int], episodes: int, seed: int, device: torch.device
+) -> list[float]:
     """Run ``episodes`` greedy episodes; ``act`` maps a (1, obs_dim) tensor to an int action."""
     env = make_env()
     returns = []
@@ -388,8 +412,16 @@ def _pct(x: np.ndarray, q: float):
     return float(np.percentile(x, q)) if x.size else None
 
 
-def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_returns: list[float],
-                  wall_s: float, global_step: int, extra: dict | None = None) -> dict:
+def write_summary(
+    algo: str,
+    args,
+    logger: UpdateLogger,
+    clipper: Clipper,
+    eval_returns: list[float],
+    wall_s: float,
+    global_step: int,
+    extra: dict | None = None,
+) -> dict:
     """Write ``<run_dir>/summary.json`` and, if ``args.summary_json`` is set, that path too."""
     norms = np.asarray(logger.grad_norms, dtype=np.float64)
     summary = {
@@ -409,8 +441,9 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
         "clip_time_s": round(clipper.time_s, 6),
         # the share of updates whose global norm was clipped (-1: per-layer and AGC decide per
         # tensor or per unit, which the global norm does not tell)
-        "clip_fraction": (-1.0 if clipper.clipped(0.0, 0.0) < 0 else
-                          float(np.mean(logger.clipped)) if logger.clipped else 0.0),
+        "clip_fraction": (
+            -1.0 if clipper.clipped(0.0, 0.0) < 0 else float(np.mean(logger.clipped)) if logger.clipped else 0.0
+        ),
         "grad_norm_p50": _pct(norms, 50),
         "grad_norm_p99": _pct(norms, 99),
         "grad_norm_max": _pct(norms, 100),
@@ -445,20 +478,40 @@ def write_summary(algo: str, args, logger: UpdateLogger, clipper: Clipper, eval_
     return summary
 
 
-def finish_run(algo: str, args, logger: UpdateLogger, clipper: Clipper, act: Callable[[torch.Tensor], int],
-               wall_s: float, global_step: int, diverged_at: int | None, device) -> dict:
+def finish_run(
+    algo: str,
+    args,
+    logger: UpdateLogger,
+    clipper: Clipper,
+    act: Callable[[torch.Tensor], int],
+    wall_s: float,
+    global_step: int,
+    diverged_at: int | None,
+    device,
+) -> dict:
     """The end of every trainer: greedy evaluation with ``act``, the summary JSON, the log files
     closed, one line printed. Returns the summary."""
     import gymnasium as gym  # here, not at the top: bench/ imports this module without gymnasium
 
-    eval_returns = evaluate(lambda: gym.make(args.env_id), act, args.eval_episodes, seed=args.seed + 100_000,
-                            device=device)
-    summary = write_summary(algo, args, logger, clipper, eval_returns, wall_s, global_step,
-                            extra={"diverged": diverged_at is not None, "diverged_at_step": diverged_at})
+    eval_returns = evaluate(
+        lambda: gym.make(args.env_id), act, args.eval_episodes, seed=args.seed + 100_000, device=device
+    )
+    summary = write_summary(
+        algo,
+        args,
+        logger,
+        clipper,
+        eval_returns,
+        wall_s,
+        global_step,
+        extra={"diverged": diverged_at is not None, "diverged_at_step": diverged_at},
+    )
     logger.close()
-    print(f"{algo} {args.env_id} clip={args.clip} mode={args.clip_mode} seed={args.seed}: eval return "
-          f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f}, wall {wall_s:.1f}s, "
-          f"clip calls {clipper.calls} ({clipper.time_s:.3f}s), grad norm p50 {summary['grad_norm_p50']}")
+    print(
+        f"{algo} {args.env_id} clip={args.clip} mode={args.clip_mode} seed={args.seed}: eval return "
+        f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f}, wall {wall_s:.1f}s, "
+        f"clip calls {clipper.calls} ({clipper.time_s:.3f}s), grad norm p50 {summary['grad_norm_p50']}"
+    )
     return summary
 
 
@@ -476,12 +529,14 @@ def finish_monitor(monitor, run_dir: str) -> dict:
     """Flush, draw ``grad_norms.png`` in the run folder, and summarise the explosions found."""
     monitor.close()
     png = monitor.plot(os.path.join(run_dir, "grad_norms.png"))
-    return {"png": png, "explosions": len(monitor.explosions),
-            "first_explosions": [str(e) for e in monitor.explosions[:5]]}
+    return {
+        "png": png,
+        "explosions": len(monitor.explosions),
+        "first_explosions": [str(e) for e in monitor.explosions[:5]],
+    }
 
 
 def run_name(args, algo: str) -> str:
     mode = getattr(args, "clip_mode", "global")
     clip = args.clip if mode == "global" or args.clip == "none" else f"{args.clip}-{mode}"
     return args.run_name or f"{args.env_id}__{algo}__{clip}__s{args.seed}__{int(time.time())}"
-

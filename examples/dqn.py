@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch)
+from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
 
 
 @dataclass
@@ -59,13 +58,13 @@ class Args:
     monitor: bool = False
     """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
     explosions.csv and grad_norms.png in the run folder"""
-    summary_json: Optional[str] = None
+    summary_json: str | None = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
     """torch device: cpu or cuda"""
     num_threads: int = 1
     """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
     log_every: int = 100
     """read per-update metrics back to the host every this many updates"""
@@ -114,8 +113,10 @@ class QNetwork(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(obs_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_actions),
         )
 
@@ -146,8 +147,14 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        batch = (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx],
-                 self.discounts[idx])
+        batch = (
+            self.obs[idx],
+            self.actions[idx],
+            self.rewards[idx],
+            self.next_obs[idx],
+            self.terminated[idx],
+            self.discounts[idx],
+        )
         return tuple(torch.as_tensor(x, device=self.device) for x in batch)
 
 
@@ -172,8 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     rb = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
-    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor,
-                      monitor=make_monitor(args.monitor, q_network, run_dir, args.log_every))
+    clipper = Clipper(
+        args.clip,
+        args.max_grad_norm,
+        mode=args.clip_mode,
+        clip_factor=args.agc_clip_factor,
+        monitor=make_monitor(args.monitor, q_network, run_dir, args.log_every),
+    )
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
     action_rng = np.random.default_rng(args.seed)
 
@@ -188,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
             diverged_at = global_step - 1
             break
         # ---- act (epsilon-greedy) ----
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+        epsilon = linear_schedule(
+            args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step
+        )
         if action_rng.random() < epsilon:
             action = int(action_rng.integers(n_actions))
         else:
@@ -207,9 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
         episode_over = terminated or truncated
         while pending and (len(pending) == args.n_step or episode_over):
             k = len(pending)
-            n_return = sum(args.gamma ** i * r for i, (_, _, r) in enumerate(pending))
+            n_return = sum(args.gamma**i * r for i, (_, _, r) in enumerate(pending))
             first_obs, first_action, _ = pending.popleft()
-            rb.add(first_obs, next_obs, first_action, n_return, terminated, args.gamma ** k)
+            rb.add(first_obs, next_obs, first_action, n_return, terminated, args.gamma**k)
         obs = next_obs
         if terminated or truncated:
             logger.log_episode(global_step, ep_return, ep_len)
@@ -221,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
         if global_step > args.learning_starts and global_step % args.train_frequency == 0:
             for _ in range(args.gradient_steps):
                 if args.anneal_lr:
-                    optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (global_step - 1) / args.total_timesteps)
+                    optimizer.param_groups[0]["lr"] = args.learning_rate * (
+                        1.0 - (global_step - 1) / args.total_timesteps
+                    )
                 b_obs, b_actions, b_rewards, b_next_obs, b_terminated, b_discounts = rb.sample(args.batch_size)
                 with torch.no_grad():
                     if args.double_dqn:
@@ -239,9 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
                 # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
                 grad_norm = clipper(q_network.parameters())  # pre-clip norm, stays on device
                 optimizer.step()
-                logger.log_update(global_step, grad_norm=grad_norm, loss=loss.detach(),
-                                  q_values=q_pred.detach().mean(), epsilon=epsilon,
-                                  lr=optimizer.param_groups[0]["lr"])
+                logger.log_update(
+                    global_step,
+                    grad_norm=grad_norm,
+                    loss=loss.detach(),
+                    q_values=q_pred.detach().mean(),
+                    epsilon=epsilon,
+                    lr=optimizer.param_groups[0]["lr"],
+                )
 
         if global_step % args.target_network_frequency == 0:
             with torch.no_grad():
@@ -254,7 +275,17 @@ def main(argv: list[str] | None = None) -> dict:
     env.close()
 
     q_network.eval()
-    return finish_run("dqn", args, logger, clipper, lambda o: int(q_network(o).argmax(dim=1).item()), wall_s, global_step, diverged_at, device)
+    return finish_run(
+        "dqn",
+        args,
+        logger,
+        clipper,
+        lambda o: int(q_network(o).argmax(dim=1).item()),
+        wall_s,
+        global_step,
+        diverged_at,
+        device,
+    )
 
 
 if __name__ == "__main__":

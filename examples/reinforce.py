@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -28,8 +28,7 @@ from torch.distributions import Categorical
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch)
+from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
 
 
 @dataclass
@@ -57,13 +56,13 @@ class Args:
     monitor: bool = False
     """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
     explosions.csv and grad_norms.png in the run folder"""
-    summary_json: Optional[str] = None
+    summary_json: str | None = None
     """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
     device: str = "cpu"
     """torch device: cpu or cuda"""
     num_threads: int = 1
     """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
     log_every: int = 20
     """read per-update metrics back to the host every this many updates"""
@@ -116,10 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = mlp(obs_dim, 1, args.hidden, out_std=1.0).to(device)
     params = list(policy.parameters()) + list(baseline.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    named = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + \
-        [(f"baseline.{n}", p) for n, p in baseline.named_parameters()]
-    clipper = Clipper(args.clip, args.max_grad_norm, mode=args.clip_mode, clip_factor=args.agc_clip_factor,
-                      monitor=make_monitor(args.monitor, named, run_dir, args.log_every))
+    named = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + [
+        (f"baseline.{n}", p) for n, p in baseline.named_parameters()
+    ]
+    clipper = Clipper(
+        args.clip,
+        args.max_grad_norm,
+        mode=args.clip_mode,
+        clip_factor=args.agc_clip_factor,
+        monitor=make_monitor(args.monitor, named, run_dir, args.log_every),
+    )
     logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
 
     obs, _ = env.reset(seed=args.seed)
@@ -197,15 +202,32 @@ def main(argv: list[str] | None = None) -> dict:
         # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
         grad_norm = clipper(params)  # pre-clip norm over policy + baseline, stays on device
         optimizer.step()
-        logger.log_update(global_step, grad_norm=grad_norm, loss=loss.detach(), pg_loss=pg_loss.detach(),
-                          v_loss=v_loss.detach(), entropy=entropy.detach(), lr=optimizer.param_groups[0]["lr"])
+        logger.log_update(
+            global_step,
+            grad_norm=grad_norm,
+            loss=loss.detach(),
+            pg_loss=pg_loss.detach(),
+            v_loss=v_loss.detach(),
+            entropy=entropy.detach(),
+            lr=optimizer.param_groups[0]["lr"],
+        )
     logger.flush()
     wall_s = time.perf_counter() - start
     pbar.close()
     env.close()
 
     policy.eval()
-    return finish_run("reinforce", args, logger, clipper, lambda o: int(policy(o).argmax(dim=1).item()), wall_s, global_step, diverged_at, device)
+    return finish_run(
+        "reinforce",
+        args,
+        logger,
+        clipper,
+        lambda o: int(policy(o).argmax(dim=1).item()),
+        wall_s,
+        global_step,
+        diverged_at,
+        device,
+    )
 
 
 if __name__ == "__main__":

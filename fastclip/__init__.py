@@ -1,10 +1,11 @@
 """fastclip: global-norm gradient clipping for PyTorch in one fused op.
 
-    import fastclip
-    norm = fastclip.clip_(model.parameters(), max_norm=0.5)   # = torch.nn.utils.clip_grad_norm_
+import fastclip
+norm = fastclip.clip_(model.parameters(), max_norm=0.5)   # = torch.nn.utils.clip_grad_norm_
 """
-from ._version import __version__
+
 from . import _ops  # first: checks the torch version, then loads the extension
+from ._version import __version__
 from .adaptive import AutoClip, ZClip
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .local import adaptive_clip_grad_, clip_grad_norm_per_layer_, per_tensor_norms

@@ -2,6 +2,7 @@
 is missing or the fused ops do not take the input (p <= 0, complex tensors,
 devices without kernels). Accumulates in float32 (float64 for fp64/complex128)
 like the fused ops."""
+
 import torch
 
 from ._reference import accumulate_dtype
@@ -13,8 +14,7 @@ def per_tensor_norms(tensors, norm_type):
     if not tensors:
         return torch.empty(0, dtype=acc)
     norms = [
-        torch.linalg.vector_norm(t, norm_type, dtype=acc if t.is_floating_point() else None).to(acc)
-        for t in tensors
+        torch.linalg.vector_norm(t, norm_type, dtype=acc if t.is_floating_point() else None).to(acc) for t in tensors
     ]
     return torch.stack(norms)
 
@@ -27,7 +27,9 @@ def clip_grad_norm_per_layer_(grads, groups, max_norm, norm_type):
     if groups:
         ids = torch.tensor(groups, device=norms.device)
         members = [norms[ids == g] for g in range(max(groups) + 1)]
-        by_group = torch.stack([torch.linalg.vector_norm(m, norm_type) if m.numel() else m.new_zeros(()) for m in members])
+        by_group = torch.stack(
+            [torch.linalg.vector_norm(m, norm_type) if m.numel() else m.new_zeros(()) for m in members]
+        )
         norms = by_group[ids]
     coefs = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
     for g, c in zip(grads, coefs.unbind()):

@@ -3,6 +3,7 @@
 If fastclip._C cannot be loaded, everything still works through the pure-torch
 reference path; one warning says why, and `fastclip.backend()` says "python".
 """
+
 import warnings
 
 import torch

@@ -7,12 +7,13 @@ csrc/ops.cpp; CPU: csrc/cpu/*_cpu.cpp; CUDA: csrc/cuda/*_cuda.cpp). Inputs the
 fused ops do not take go through fastclip/_local_reference.py. Nothing is read
 back to the host.
 """
+
 import torch
 from torch import nn
 
 from . import _local_reference, _ops
 from ._reference import accumulate_dtype
-from .clip import _compiling, _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _norm_is_fused
+from .clip import _as_list, _check_grads, _check_max_norm, _check_norm_type, _check_tensor, _compiling, _norm_is_fused
 
 
 def per_tensor_norms(tensors, norm_type=2.0):
@@ -76,8 +77,9 @@ def _norms_one_device(tensors, norm_type):
 
 def _norms_by_device(tensors, norm_type):
     dtype = accumulate_dtype(tensors)
-    return _gather(_by_device(tensors), len(tensors), dtype, tensors[0].device,
-                   lambda _, ts: _norms_one_device(ts, norm_type))
+    return _gather(
+        _by_device(tensors), len(tensors), dtype, tensors[0].device, lambda _, ts: _norms_one_device(ts, norm_type)
+    )
 
 
 # ---- local (per-layer) clipping ----------------------------------------------
@@ -197,8 +199,13 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
     norm_type = _check_norm_type(norm_type, fn)
     if isinstance(parameters, torch.Tensor):
         parameters = (parameters,)
-    if (isinstance(parameters, (list, tuple)) and _ops.agc_params is not None and norm_type > 0
-            and not _compiling() and _ops.agc_params(parameters, clip_factor, eps, norm_type)):
+    if (
+        isinstance(parameters, (list, tuple))
+        and _ops.agc_params is not None
+        and norm_type > 0
+        and not _compiling()
+        and _ops.agc_params(parameters, clip_factor, eps, norm_type)
+    ):
         return  # the eager hot path: done in C++ (csrc/local_params.h)
     params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
     for i, p in enumerate(params):

@@ -3,6 +3,7 @@ CPU tests of test_local.py mirrored on the device, against the same fp64
 references, plus what only the GPU has: bitwise determinism across grid sizes
 and the non-cooperative fallback, CUDA graph capture, opcheck. Skipped where no
 GPU is present."""
+
 import math
 import os
 import subprocess
@@ -12,16 +13,28 @@ import textwrap
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA backend needs one to run"
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA backend needs one to run")
+
+from test_local import (  # noqa: E402
+    CNN,
+    LARGE,
+    MIXED,
+    MLP,
+    NORM_TYPES,
+    SmallCNN,
+    agc_params,
+    agc_reference,
+    assert_clipped_like,
+    assert_norms_match,
+    median_norm,
+    per_layer_reference,
+    timm_style_loop,
+    torch_per_layer_loop,
 )
 
 import fastclip  # noqa: E402
 from fastclip import _ops  # noqa: E402
 from helpers import FUSED_DTYPES, make_params  # noqa: E402
-from test_local import (  # noqa: E402
-    CNN, LARGE, MIXED, MLP, NORM_TYPES, SmallCNN, agc_params, agc_reference, assert_clipped_like, assert_norms_match,
-    median_norm, per_layer_reference, timm_style_loop, torch_per_layer_loop)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -156,11 +169,16 @@ def test_bitwise_deterministic_across_grid_sizes_and_the_fallback():
         torch.save([t.cpu() for t in out], sys.argv[1])
     """)
     results = []
-    for i, env in enumerate([{}, {"FASTCLIP_CUDA_MAX_GRID": "3"}, {"FASTCLIP_CUDA_NO_COOP": "1"},
-                             {"FASTCLIP_CUDA_MAX_GRID": "1"}]):
+    for i, env in enumerate(
+        [{}, {"FASTCLIP_CUDA_MAX_GRID": "3"}, {"FASTCLIP_CUDA_NO_COOP": "1"}, {"FASTCLIP_CUDA_MAX_GRID": "1"}]
+    ):
         path = f"/tmp/fastclip_local_det_{os.getpid()}_{i}.pt"
-        subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env},
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        subprocess.run(
+            [sys.executable, "-c", script, path],
+            check=True,
+            env={**os.environ, **env},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         results.append(torch.load(path))
         os.remove(path)
     for r in results[1:]:
@@ -191,14 +209,20 @@ def test_graph_capture_and_replay():
 
 
 def test_opcheck():
-    gs = [torch.randn(5, 7, device="cuda"), torch.randn(3, device="cuda"), torch.zeros(0, device="cuda"),
-          torch.randn(4, dtype=torch.float64, device="cuda") * 9]
+    gs = [
+        torch.randn(5, 7, device="cuda"),
+        torch.randn(3, device="cuda"),
+        torch.zeros(0, device="cuda"),
+        torch.randn(4, dtype=torch.float64, device="cuda") * 9,
+    ]
     torch.library.opcheck(torch.ops.fastclip.per_tensor_norms.default, ([g.clone() for g in gs], 2.0))
     op = torch.ops.fastclip.clip_grad_norm_per_layer_.default
     torch.library.opcheck(op, ([g.clone() for g in gs], [], 0.5, 2.0))
     torch.library.opcheck(op, ([g.clone() for g in gs], [0, 0, 1, 1], 0.5, math.inf))
     ps = [torch.randn_like(g) for g in gs]
-    torch.library.opcheck(torch.ops.fastclip.adaptive_clip_grad_.default, (ps, [g.clone() for g in gs], 0.01, 1e-3, 2.0))
+    torch.library.opcheck(
+        torch.ops.fastclip.adaptive_clip_grad_.default, (ps, [g.clone() for g in gs], 0.01, 1e-3, 2.0)
+    )
 
 
 def test_several_devices_in_one_call():
@@ -212,8 +236,9 @@ def test_several_devices_in_one_call():
         if fn == "norms":
             norms = fastclip.per_tensor_norms([q.grad for q in mixed])
             assert norms.device == mixed[0].grad.device
-            torch.testing.assert_close(norms.double().cpu(), torch.tensor(norms_ref, dtype=torch.float64), rtol=1e-5,
-                                       atol=0)
+            torch.testing.assert_close(
+                norms.double().cpu(), torch.tensor(norms_ref, dtype=torch.float64), rtol=1e-5, atol=0
+            )
         elif fn == "per-layer":
             fastclip.clip_grad_norm_per_layer_(mixed, median_norm(grads, 2.0))
             assert_clipped_like(back_to_cpu(mixed), expected_pl)

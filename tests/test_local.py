@@ -1,6 +1,7 @@
 """Per-tensor norms, local (per-layer) clipping and AGC against independent
 references written here from the definitions (fp64, one tensor or unit at a
 time, with .item() where convenient), on model-shaped sets, every dtype."""
+
 import math
 
 import pytest
@@ -202,8 +203,9 @@ def assert_clipped_like(params, expected, baseline=None):
         scale = float(e.abs().max())
         fi = torch.finfo(g.dtype)
         step = fi.tiny * fi.eps  # the dtype's resolution near 0 (one subnormal step)
-        torch.testing.assert_close(g.double(), e, rtol=GRAD_RTOL[g.dtype], atol=GRAD_RTOL[g.dtype] * scale + step,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            g.double(), e, rtol=GRAD_RTOL[g.dtype], atol=GRAD_RTOL[g.dtype] * scale + step, equal_nan=True
+        )
         if baseline is not None:
             ours = float((g.double() - e).abs().max())
             theirs = float((baseline[i].double() - e).abs().max())
@@ -498,7 +500,7 @@ def test_agc_matches_the_papers_formula(shapes, p, dtype):
     for q, b, e in zip(params, before, expected):
         if b is None or b.numel() == 0:
             continue
-        rows = (lambda t: t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1))
+        rows = lambda t: t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
         for g_row, b_row, e_row in zip(rows(q.grad), rows(b), rows(e)):
             if torch.equal(e_row, b_row.double()):
                 assert torch.equal(g_row, b_row)

@@ -35,7 +35,8 @@ Span sub_span(const Span& s, int64_t offset, int64_t n) {
 
 template <NormKind kind>
 double finished_norm(const Span& s, double acc, double p) {
-  return needs_rescue(acc, kind, s.dtype != at::kDouble) ? rescued_span_norm(s, acc, kind, p) : finish_norm(acc, kind, p);
+  return needs_rescue(acc, kind, s.dtype != at::kDouble) ? rescued_span_norm(s, acc, kind, p)
+                                                         : finish_norm(acc, kind, p);
 }
 
 struct AgcArgs {
@@ -128,7 +129,8 @@ void clip_long_units(const std::vector<UnitPair>& pairs, const AgcArgs& a) {
   }
   at::parallel_for(0, num_pieces, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      if (coef[j] != 1.0) scale_span(pairs[pieces[j].tensor].grad, pieces[j].offset, pieces[j].n, coef[j], coef_factors(coef[j]));
+      if (coef[j] != 1.0)
+        scale_span(pairs[pieces[j].tensor].grad, pieces[j].offset, pieces[j].n, coef[j], coef_factors(coef[j]));
     }
   });
 }
@@ -145,7 +147,7 @@ void adaptive_clip_grad_cpu(at::TensorList params, at::TensorList grads, double 
   check_agc_inputs(params, grads, clip_factor, eps, norm_type, op);
   const std::vector<bool> repeated = repeated_grads(grads, op);  // a grad listed twice is clipped once
 
-  std::vector<at::Tensor> param_copies;                      // kept alive while their spans are read
+  std::vector<at::Tensor> param_copies;                        // kept alive while their spans are read
   std::vector<std::pair<at::Tensor, at::Tensor>> grad_copies;  // (grad, its copy), written back at the end
   std::vector<UnitPair> pairs;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -156,8 +158,8 @@ void adaptive_clip_grad_cpu(at::TensorList params, at::TensorList grads, double 
     if (!rows_in_place(g)) gin = grad_copies.emplace_back(g, g.contiguous()).second;
     const int64_t units = g.dim() <= 1 ? 1 : g.size(0);
     const int64_t n = g.numel();
-    pairs.push_back({Span{pin.data_ptr(), n, p.scalar_type(), 0}, Span{gin.data_ptr(), n, g.scalar_type(), 0}, units,
-                     n / units});
+    pairs.push_back(
+        {Span{pin.data_ptr(), n, p.scalar_type(), 0}, Span{gin.data_ptr(), n, g.scalar_type(), 0}, units, n / units});
   }
   const AgcArgs args{clip_factor, eps, norm_type};
   switch (norm_kind(norm_type)) {

@@ -75,7 +75,10 @@ std::vector<double> clip_by_windows(const PerTensorSet& pts, double max_norm, do
     const int64_t c0 = set.spans[first].first_chunk;
     const int64_t c1 = set.spans[last - 1].first_chunk + chunks_of(set.spans[last - 1]);
     const auto run = [&](const auto& body) {  // the same split both times: a pure function of the range
-      if (elems <= kSerialMaxElems) body(c0, c1); else at::parallel_for(c0, c1, 1, body);
+      if (elems <= kSerialMaxElems)
+        body(c0, c1);
+      else
+        at::parallel_for(c0, c1, 1, body);
     };
     run([&](int64_t b, int64_t e) {
       for_each_chunk(set, b, e, Order::Forward, [&](const Span& s, int64_t off, int64_t n, int64_t c) {

@@ -87,8 +87,8 @@ std::vector<double> span_accumulators(const GradSet& set, double p) {
 inline double rescued_span_norm(const Span& s, double fast_acc, NormKind kind, double p) {
   double max_abs = 0.0;
   for (int64_t off = 0; off < s.numel; off += kChunkElems) {
-    max_abs = combine(max_abs, span_partial<NormKind::Inf>(s, off, std::min(kChunkElems, s.numel - off), p),
-                      NormKind::Inf);
+    max_abs =
+        combine(max_abs, span_partial<NormKind::Inf>(s, off, std::min(kChunkElems, s.numel - off), p), NormKind::Inf);
   }
   if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) return finish_norm(fast_acc, kind, p);
   double scaled = 0.0;
@@ -104,7 +104,7 @@ std::vector<double> span_norms(const GradSet& set, double p) {
   for (size_t i = 0; i < norms.size(); ++i) {
     const Span& s = set.spans[i];
     norms[i] = needs_rescue(norms[i], kind, s.dtype != at::kDouble) ? rescued_span_norm(s, norms[i], kind, p)
-                                                                     : finish_norm(norms[i], kind, p);
+                                                                    : finish_norm(norms[i], kind, p);
   }
   return norms;
 }

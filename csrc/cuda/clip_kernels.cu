@@ -115,12 +115,13 @@ template <typename D>
 __device__ double rescued_norm_block(const D& descs, const Job& job, double fast_acc) {
   const NormKind kind = job.kind;
   const double p = job.p;
-  const double max_abs = block_reduce(fold_all(descs, job, [](double acc, double x) { return nan_max(acc, fabs(x)); }),
-                                      NormKind::Inf);
+  const double max_abs =
+      block_reduce(fold_all(descs, job, [](double acc, double x) { return nan_max(acc, fabs(x)); }), NormKind::Inf);
   if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) {
     return finish_norm(fast_acc, kind, p);  // all zero, or an inf element: the fast result stands
   }
-  const double scaled = fold_all(descs, job, [&](double acc, double x) { return acc + scaled_term(x, max_abs, kind, p); });
+  const double scaled =
+      fold_all(descs, job, [&](double acc, double x) { return acc + scaled_term(x, max_abs, kind, p); });
   return rescued_norm(max_abs, block_reduce(scaled, kind), kind, p);
 }
 
@@ -149,15 +150,13 @@ __device__ void phase2(const Descs<Cap>& descs, int n, int64_t num_tiles, double
                        uint4 (&v)[kVecsPerThread]) {
   if (coef == 1.0) return;  // bitwise no-op: skip the stores (NaN != 1 scales, as torch does)
   const int64_t b = blockIdx.x, g = gridDim.x;
-  for (int64_t t = b + (num_tiles - 1 - b) / g * g; t >= b; t -= g)
-    tile_scale(locate(descs, n, t), coef, cached, v);
+  for (int64_t t = b + (num_tiles - 1 - b) / g * g; t >= b; t -= g) tile_scale(locate(descs, n, t), coef, cached, v);
 }
 
 // ---- kernels -----------------------------------------------------------------
 
 template <int Cap>
-__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
-fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   const Job& job = a.job;
   uint4 v[kVecsPerThread];
   phase1(a.descs, job, v);
@@ -195,8 +194,7 @@ fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
 
 // Fallback, launch 1 of 3: the partials.
 template <int Cap>
-__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
-partials_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) partials_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   uint4 v[kVecsPerThread];
   phase1(a.descs, a.job, v);
 }
@@ -214,10 +212,9 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant_
 
 // The scale_ operator, and launch 3 of 3 of the fallback.
 template <int Cap>
-__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
-scale_kernel(const __grid_constant__ ScaleArgs<Cap> a) {
-  const double coef = a.coef_double ? *static_cast<const double*>(a.coef)
-                                    : static_cast<double>(*static_cast<const float*>(a.coef));
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) scale_kernel(const __grid_constant__ ScaleArgs<Cap> a) {
+  const double coef =
+      a.coef_double ? *static_cast<const double*>(a.coef) : static_cast<double>(*static_cast<const float*>(a.coef));
   uint4 v[kVecsPerThread];
   phase2(a.descs, a.n, a.num_tiles, coef, false, v);
 }
@@ -295,11 +292,11 @@ Plan plan(TensorDesc* descs, int n, bool reduce) {
   return {tiles, partials_bytes(tiles, reduce) + table};
 }
 
-cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p,
-                          bool clip, double max_norm, bool float_acc, void* norm_out,
-                          DType norm_out_dtype, void* workspace, cudaStream_t stream) {
+cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p, bool clip,
+                          double max_norm, bool float_acc, void* norm_out, DType norm_out_dtype, void* workspace,
+                          cudaStream_t stream) {
   double* partials = static_cast<double*>(workspace);
-  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, float_acc, norm_out, norm_out_dtype,
+  const Job job{n,        plan.num_tiles,           kind, p, clip, max_norm, float_acc, norm_out, norm_out_dtype,
                 partials, partials + plan.num_tiles};
   if (n <= kInlineSmall) return cleared(norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream));
   if (n <= kInlineLarge) return cleared(norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream));
@@ -308,8 +305,8 @@ cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, Norm
   return cleared(e == cudaSuccess ? norm_and_clip_impl<0>(descs, job, table, stream) : e);
 }
 
-cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef, bool coef_double,
-                  void* workspace, cudaStream_t stream) {
+cudaError_t scale(const TensorDesc* descs, int n, const Plan& plan, const void* coef, bool coef_double, void* workspace,
+                  cudaStream_t stream) {
   if (n <= kInlineSmall)
     return cleared(scale_impl<kInlineSmall>(descs, n, plan.num_tiles, coef, coef_double, nullptr, stream));
   if (n <= kInlineLarge)

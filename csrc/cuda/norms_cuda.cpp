@@ -178,7 +178,8 @@ void adaptive_clip_grad_cuda(at::TensorList params, at::TensorList grads, double
     if (g.numel() == 0 || (!repeated.empty() && repeated[i])) continue;
     at::Tensor pin = p, gin = g;
     if (!rows_in_place(p) || !aligned(p)) pin = keep.emplace_back(p.contiguous());
-    if (!rows_in_place(g) || !aligned(g)) gin = grad_copies.emplace_back(g, g.clone(at::MemoryFormat::Contiguous)).second;
+    if (!rows_in_place(g) || !aligned(g))
+      gin = grad_copies.emplace_back(g, g.clone(at::MemoryFormat::Contiguous)).second;
     gdescs.push_back({gin.data_ptr(), g.numel(), units, to_dtype(g.scalar_type())});
     pdescs.push_back({pin.data_ptr(), p.numel(), 0, to_dtype(p.scalar_type())});
     units += g.dim() <= 1 ? 1 : g.size(0);

@@ -37,7 +37,10 @@ __device__ int tensor_of(const D& descs, int n, int64_t t) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (descs[mid].first_tile <= t) lo = mid; else hi = mid - 1;
+    if (descs[mid].first_tile <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -63,8 +66,8 @@ __device__ double fold_span(const char* data, int64_t n, DType dtype, double acc
 // (clip_math.h: needs_rescue). Block-uniform: every thread gets the result.
 __device__ double finished_norm(const char* data, int64_t n, DType dtype, double acc, NormKind kind, double p) {
   if (!needs_rescue(acc, kind, dtype != DType::F64)) return finish_norm(acc, kind, p);
-  const double max_abs =
-      block_reduce(fold_span(data, n, dtype, 0.0, [](double a, double x) { return nan_max(a, fabs(x)); }), NormKind::Inf);
+  const double max_abs = block_reduce(
+      fold_span(data, n, dtype, 0.0, [](double a, double x) { return nan_max(a, fabs(x)); }), NormKind::Inf);
   if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) return finish_norm(acc, kind, p);
   const double scaled =
       fold_span(data, n, dtype, 0.0, [&](double a, double x) { return a + scaled_term(x, max_abs, kind, p); });
@@ -101,10 +104,11 @@ __device__ void reduce_tensors(const Descs<Cap>& descs, const PerTensorJob& job)
     const int64_t first = descs[i].first_tile;
     const int64_t end = i + 1 < job.n ? descs[i + 1].first_tile : job.num_tiles;
     double acc = 0;  // neutral for the sums and for max |x|
-    for (int64_t t = first + threadIdx.x; t < end; t += kThreads) acc = combine(acc, __ldcg(job.partials + t), job.kind);
+    for (int64_t t = first + threadIdx.x; t < end; t += kThreads)
+      acc = combine(acc, __ldcg(job.partials + t), job.kind);
     acc = block_reduce(acc, job.kind);
-    const double norm = finished_norm(static_cast<const char*>(descs[i].data), descs[i].numel, descs[i].dtype, acc,
-                                      job.kind, job.p);
+    const double norm =
+        finished_norm(static_cast<const char*>(descs[i].data), descs[i].numel, descs[i].dtype, acc, job.kind, job.p);
     if (threadIdx.x == 0) {
       if (job.norms_double) {
         static_cast<double*>(job.norms_out)[i] = norm;
@@ -129,7 +133,7 @@ __device__ void scale_tiles(const Descs<Cap>& descs, const PerTensorJob& job, bo
 
 template <int Cap>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
-per_tensor_kernel(const __grid_constant__ PerTensorArgs<Cap> a) {
+    per_tensor_kernel(const __grid_constant__ PerTensorArgs<Cap> a) {
   const PerTensorJob& job = a.job;
   uint4 v[kVecsPerThread];
   const bool all = job.phases == Phases::All;
@@ -186,8 +190,10 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) agc_kernel(const __
     const int64_t len = g.numel / units, row = (u - g.first_tile) * len;
     char* gdata = static_cast<char*>(g.data) + row * elem_size(g.dtype);
     char* wdata = static_cast<char*>(w.data) + row * elem_size(w.dtype);
-    const double wn = finished_norm(wdata, len, w.dtype, unit_acc(wdata, len, w.dtype, job.kind, job.p, vp), job.kind, job.p);
-    const double gn = finished_norm(gdata, len, g.dtype, unit_acc(gdata, len, g.dtype, job.kind, job.p, vg), job.kind, job.p);
+    const double wn =
+        finished_norm(wdata, len, w.dtype, unit_acc(wdata, len, w.dtype, job.kind, job.p, vp), job.kind, job.p);
+    const double gn =
+        finished_norm(gdata, len, g.dtype, unit_acc(gdata, len, g.dtype, job.kind, job.p, vg), job.kind, job.p);
     const double coef = agc_coef(wn, gn, job.clip_factor, job.eps);
     if (coef == 1.0) continue;  // block-uniform: every thread computed the same norms
     const int64_t per_tile = kTileBytes / elem_size(g.dtype);
@@ -262,23 +268,32 @@ cudaError_t agc_impl(const TensorDesc* descs, const AgcJob& job, void* table, cu
 }  // namespace
 
 size_t per_tensor_workspace(const Plan& plan, int n) {
-  return round16(sizeof(double) * static_cast<size_t>(plan.num_tiles)) + round16(sizeof(double) * static_cast<size_t>(n)) +
-         table_bytes(n);
+  return round16(sizeof(double) * static_cast<size_t>(plan.num_tiles)) +
+         round16(sizeof(double) * static_cast<size_t>(n)) + table_bytes(n);
 }
 
 cudaError_t per_tensor(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p, bool clip,
                        double max_norm, void* norms_out, bool norms_double, void* workspace, cudaStream_t stream) {
   const PerTensorLayout w = layout(plan, n, workspace);
-  const PerTensorJob job{n, plan.num_tiles, kind, p, clip, max_norm, norms_out, norms_double, w.partials, w.coefs,
-                         Phases::All};
+  const PerTensorJob job{n,         plan.num_tiles, kind,       p,       clip,       max_norm,
+                         norms_out, norms_double,   w.partials, w.coefs, Phases::All};
   return cleared(per_tensor_dispatch(descs, job, w.table, stream));
 }
 
 cudaError_t scale_each(const TensorDesc* descs, int n, const Plan& plan, const double* coefs, void* workspace,
                        cudaStream_t stream) {
   const PerTensorLayout w = layout(plan, n, workspace);
-  const PerTensorJob job{n, plan.num_tiles, NormKind::L2, 2.0, true, 0.0, nullptr, false, w.partials,
-                         const_cast<double*>(coefs), Phases::Scale};
+  const PerTensorJob job{n,
+                         plan.num_tiles,
+                         NormKind::L2,
+                         2.0,
+                         true,
+                         0.0,
+                         nullptr,
+                         false,
+                         w.partials,
+                         const_cast<double*>(coefs),
+                         Phases::Scale};
   return cleared(per_tensor_dispatch(descs, job, w.table, stream));
 }
 

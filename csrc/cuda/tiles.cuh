@@ -33,7 +33,7 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kVecsPerThread = 4;  // 16-byte loads in flight per thread per tile
+constexpr int kVecsPerThread = 4;                                        // 16-byte loads in flight per thread per tile
 constexpr int64_t kTileBytes = int64_t{kThreads} * kVecsPerThread * 16;  // 32 KiB
 // Co-resident blocks per SM we ask for: one. A 512-thread block takes a
 // quarter of an SM's thread slots and, at the fused kernel's 80 registers a
@@ -70,9 +70,7 @@ struct UploadArgs {
   TensorDesc* dst;
 };
 
-__host__ __device__ constexpr int elem_size(DType t) {
-  return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2;
-}
+__host__ __device__ constexpr int elem_size(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
 
 // ---- element access: raw 16-byte vectors <-> accumulator type ------------
 // Explicit intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ etc.
@@ -81,7 +79,14 @@ __device__ __forceinline__ unsigned word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 __device__ __forceinline__ void set_word(uint4& v, int i, unsigned w) {
-  if (i == 0) v.x = w; else if (i == 1) v.y = w; else if (i == 2) v.z = w; else v.w = w;
+  if (i == 0)
+    v.x = w;
+  else if (i == 1)
+    v.y = w;
+  else if (i == 2)
+    v.z = w;
+  else
+    v.w = w;
 }
 __device__ __forceinline__ unsigned short half_bits(const uint4& v, int i) {
   return static_cast<unsigned short>(word(v, i / 2) >> (16 * (i % 2)));
@@ -133,9 +138,7 @@ template <>
 struct Elem<__nv_bfloat16> {
   using acc = float;
   static constexpr int kPerVec = 8;
-  __device__ static float get(const uint4& v, int i) {
-    return __bfloat162float(__ushort_as_bfloat16(half_bits(v, i)));
-  }
+  __device__ static float get(const uint4& v, int i) { return __bfloat162float(__ushort_as_bfloat16(half_bits(v, i))); }
   __device__ static void put(uint4& v, int i, float x) {
     set_half_bits(v, i, __bfloat16_as_ushort(__float2bfloat16_rn(x)));
   }
@@ -179,14 +182,16 @@ __device__ Tile locate(const D& descs, int n, int64_t tile) {
   int lo = 0, hi = n - 1;  // last tensor whose first_tile <= tile (all threads agree)
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (descs[mid].first_tile <= tile) lo = mid; else hi = mid - 1;
+    if (descs[mid].first_tile <= tile)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const TensorDesc& d = descs[lo];
   const int es = elem_size(d.dtype);
   const int64_t per_tile = kTileBytes / es;
   const int64_t start = (tile - d.first_tile) * per_tile;
-  return {static_cast<char*>(d.data) + start * es,
-          static_cast<int>(min(per_tile, d.numel - start)), d.dtype};
+  return {static_cast<char*>(d.data) + start * es, static_cast<int>(min(per_tile, d.numel - start)), d.dtype};
 }
 
 // ---- reductions (fixed shape: the result depends only on the inputs) -------
