@@ -14,19 +14,14 @@
 
 #include "../grad_checks.h"
 #include "clip_kernels.h"
+#include "glue.h"
 
 namespace fastclip {
 namespace {
 
-// Only called with a fused dtype (grad_checks.h has checked it).
-gpu::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return gpu::DType::F32;
-    case at::kDouble: return gpu::DType::F64;
-    case at::kHalf: return gpu::DType::F16;
-    default: return gpu::DType::BF16;
-  }
-}
+using glue::check;
+using glue::current_stream;
+using glue::to_dtype;
 
 // The grads as flat spans. A grad that is not one dense span (a strided view,
 // an expanded tensor) or not element-aligned is replaced by a contiguous copy;
@@ -58,14 +53,6 @@ Grads gather(at::TensorList grads, const char* op) {
     out.descs.push_back({span.data_ptr(), span.numel(), 0, to_dtype(g.scalar_type())});
   }
   return out;
-}
-
-void check(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, "fastclip::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
-}
-
-cudaStream_t current_stream(const c10::Device& device) {
-  return static_cast<cudaStream_t>(at::accelerator::getCurrentStream(device.index()).native_handle());
 }
 
 at::Tensor workspace(const c10::Device& device, size_t bytes) {

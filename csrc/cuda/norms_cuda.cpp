@@ -20,31 +20,19 @@
 
 #include "../agc_checks.h"
 #include "../grad_checks.h"
+#include "glue.h"
 #include "norms_kernels.h"
 
 namespace fastclip {
 namespace {
 
-gpu::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return gpu::DType::F32;
-    case at::kDouble: return gpu::DType::F64;
-    case at::kHalf: return gpu::DType::F16;
-    default: return gpu::DType::BF16;
-  }
-}
-
-cudaStream_t current_stream(const c10::Device& device) {
-  return static_cast<cudaStream_t>(at::accelerator::getCurrentStream(device.index()).native_handle());
-}
+using glue::check;
+using glue::current_stream;
+using glue::to_dtype;
 
 at::Tensor workspace(const c10::Device& device, size_t bytes) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 16))},
                    at::TensorOptions().dtype(at::kByte).device(device));
-}
-
-void check(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, "fastclip::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0; }
