@@ -29,9 +29,13 @@ COLORS = {
     "torch": "tab:blue",
     "fastclip": "tab:green",
     "autoclip": "tab:purple",
+    "fastclip per-layer": "tab:brown",
+    "torch per-layer": "tab:pink",
+    "fastclip agc": "tab:cyan",
+    "torch agc": "tab:olive",
     "zclip": "tab:orange",
 }
-ORDER = ["none", "torch", "fastclip", "autoclip", "zclip"]
+ORDER = ["none", "torch", "fastclip", "torch per-layer", "fastclip per-layer", "torch agc", "fastclip agc", "autoclip", "zclip"]
 
 
 def variant(summary: dict) -> str:
