@@ -35,7 +35,17 @@ COLORS = {
     "torch agc": "tab:olive",
     "zclip": "tab:orange",
 }
-ORDER = ["none", "torch", "fastclip", "torch per-layer", "fastclip per-layer", "torch agc", "fastclip agc", "autoclip", "zclip"]
+ORDER = [
+    "none",
+    "torch",
+    "fastclip",
+    "torch per-layer",
+    "fastclip per-layer",
+    "torch agc",
+    "fastclip agc",
+    "autoclip",
+    "zclip",
+]
 
 
 def variant(summary: dict) -> str:
