@@ -33,6 +33,21 @@ inline void check_norm_type(double p, const char* op) {
               " (p <= 0 is handled by fastclip's reference path)");
 }
 
+// clip_grad_norm_per_layer_'s arguments (both backends): groups empty (one
+// group per grad) or one id per grad, each in [0, number of grads).
+inline void check_per_layer_args(at::TensorList grads, at::IntArrayRef groups, double max_norm, double norm_type,
+                                 const char* op) {
+  check_norm_type(norm_type, op);
+  TORCH_CHECK(max_norm >= 0.0, "fastclip::", op, ": max_norm must be a non-negative number, got ", max_norm);
+  TORCH_CHECK(groups.empty() || groups.size() == grads.size(), "fastclip::", op,
+              ": groups must be empty or hold one id per grad, got ", groups.size(), " ids for ", grads.size(),
+              " grads");
+  for (const int64_t g : groups) {
+    TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(grads.size()), "fastclip::", op,
+                ": group ids must be in [0, number of grads), got ", g);
+  }
+}
+
 inline bool any_double(at::TensorList grads) {
   return std::any_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.scalar_type() == at::kDouble; });
 }

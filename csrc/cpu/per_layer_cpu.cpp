@@ -126,15 +126,7 @@ std::vector<double> clip_by_windows(const PerTensorSet& pts, double max_norm, do
 at::Tensor clip_grad_norm_per_layer_cpu(at::TensorList grads, at::IntArrayRef groups, double max_norm,
                                         double norm_type) {
   const char* op = "clip_grad_norm_per_layer_";
-  check_norm_type(norm_type, op);
-  TORCH_CHECK(max_norm >= 0.0, "fastclip::", op, ": max_norm must be a non-negative number, got ", max_norm);
-  TORCH_CHECK(groups.empty() || groups.size() == grads.size(), "fastclip::", op,
-              ": groups must be empty or hold one id per grad, got ", groups.size(), " ids for ", grads.size(),
-              " grads");
-  for (const int64_t g : groups) {
-    TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(grads.size()), "fastclip::", op,
-                ": group ids must be in [0, number of grads), got ", g);
-  }
+  check_per_layer_args(grads, groups, max_norm, norm_type, op);
   const PerTensorSet pts = make_per_tensor_set(grads, op, /*check_overlap=*/true);  // checks, before any write
   const at::ScalarType out_dtype = pts.set.any_double ? at::kDouble : at::kFloat;
   if (groups.empty()) return vector_tensor(clip_by_windows(pts, max_norm, norm_type), out_dtype);

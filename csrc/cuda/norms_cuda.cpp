@@ -103,15 +103,7 @@ at::Tensor group_norms(const at::Tensor& norms, const at::Tensor& ids, int64_t n
 at::Tensor clip_grad_norm_per_layer_cuda(at::TensorList grads, at::IntArrayRef groups, double max_norm,
                                          double norm_type) {
   const char* op = "clip_grad_norm_per_layer_";
-  check_norm_type(norm_type, op);
-  TORCH_CHECK(max_norm >= 0.0, "fastclip::", op, ": max_norm must be a non-negative number, got ", max_norm);
-  TORCH_CHECK(groups.empty() || groups.size() == grads.size(), "fastclip::", op,
-              ": groups must be empty or hold one id per grad, got ", groups.size(), " ids for ", grads.size(),
-              " grads");
-  for (const int64_t g : groups) {
-    TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(grads.size()), "fastclip::", op,
-                ": group ids must be in [0, number of grads), got ", g);
-  }
+  check_per_layer_args(grads, groups, max_norm, norm_type, op);
   check_grads(grads, op);
   const std::vector<bool> repeated = repeated_grads(grads, op);  // before anything is touched
   if (grads.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
