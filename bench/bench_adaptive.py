@@ -24,7 +24,6 @@ and fastclip's step captured in a CUDA graph and replayed.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import sys
@@ -48,6 +47,7 @@ from bench.common import (  # noqa: E402
     fmt_us,
     import_fastclip,
     print_aligned,
+    results_path,
     stats,
     time_interleaved,
     warn_backend,
@@ -293,17 +293,7 @@ def main(argv=None):
         print(f"* NOT QUIET while these cases ran: {', '.join(noisy)}; rerun before quoting them.", file=sys.stderr)
     out["not_quiet_cases"] = noisy
     if not args.no_json:
-        path = (
-            Path(args.json)
-            if args.json
-            else (
-                _REPO
-                / "bench"
-                / "results"
-                / f"adaptive-{args.device}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
-            )
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = results_path(args.json, f"adaptive-{args.device}", args.quick)
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

@@ -33,7 +33,6 @@ case itself; a case that fails is reported as MISMATCH, is not timed, and the ex
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
@@ -61,6 +60,7 @@ from bench.common import (  # noqa: E402
     mlp_shapes,
     nature_cnn_shapes,
     print_aligned,
+    results_path,
     stats,
     time_interleaved,
     tiny_shapes,
@@ -200,13 +200,13 @@ def check_case(fastclip, gs: GradSet):
                 return f"grad {i}: .grad is a new tensor object (must be scaled in place)", info
             scale = float(e.abs().max()) if e.numel() else 0.0
             atol = 1e-6 * scale + 1e-30
-            for k, (gc, ec, vc) in enumerate(zip(_chunks(g), _chunks(e), _chunks(v))):
+            for k, (g_part, e_part, v_part) in enumerate(zip(_chunks(g), _chunks(e), _chunks(v))):
                 for what, want, rtol in (
-                    ("fp64 reference", vc.double() * coef_ref, ref_grad_rtol),
-                    ("torch", ec, grad_tol),
+                    ("fp64 reference", v_part.double() * coef_ref, ref_grad_rtol),
+                    ("torch", e_part, grad_tol),
                 ):
                     try:
-                        torch.testing.assert_close(gc.to(want.dtype), want, rtol=rtol, atol=atol)
+                        torch.testing.assert_close(g_part.to(want.dtype), want, rtol=rtol, atol=atol)
                     except AssertionError as exc:
                         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
                         return (
@@ -462,14 +462,7 @@ def main(argv=None):
         )
 
     if not args.no_json:
-        path = (
-            Path(args.json)
-            if args.json
-            else (
-                _REPO / "bench" / "results" / f"cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
-            )
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = results_path(args.json, "cpu", args.quick)
         out = {
             "benchmark": "bench_cpu",
             "command": command_line(__spec__),

@@ -44,7 +44,7 @@ if not __package__:
 import torch  # noqa: E402
 
 from bench.bench_cpu import CASES, DTYPES  # noqa: E402
-from bench.common import (  # noqa: E402  # noqa: E402
+from bench.common import (  # noqa: E402
     NOISY_CORES,
     OtherLoad,
     command_line,
@@ -52,6 +52,7 @@ from bench.common import (  # noqa: E402  # noqa: E402
     fmt_us,
     import_fastclip,
     print_aligned,
+    results_path,
     run_rounds,
     stats,
     warn_backend,
@@ -273,16 +274,7 @@ def report(rows, world, args, fastclip):
         print("NOT QUIET: * marks cases during which other processes used the CPU; rerun before quoting them.")
     if args.no_json:
         return
-    path = (
-        Path(args.json)
-        if args.json
-        else (
-            _REPO
-            / "bench"
-            / "results"
-            / f"distributed-cpu-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
-        )
-    )
+    path = results_path(args.json, "distributed-cpu", args.quick)
     out = {
         "command": args.command,
         "environment": environment_info(fastclip),
@@ -294,7 +286,6 @@ def report(rows, world, args, fastclip):
         "method": "interleaved per repeat, barrier before each call, time = slowest rank; median over repeats",
         "cases": rows,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -31,7 +31,6 @@ reported as MISMATCH, not timed, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import statistics
@@ -52,6 +51,7 @@ from bench.common import (  # noqa: E402
     mlp_shapes,
     nature_cnn_shapes,
     one_billion_shapes,
+    results_path,
     stats,
 )
 
@@ -311,9 +311,7 @@ def main(argv=None):
     for t in goals:
         print(f"{'met ' if t['met'] else 'MISS'}  {t['goal']}")
     if not args.no_json:
-        stamp = _dt.date.today().isoformat() + ("-quick" if args.quick else "")
-        path = Path(args.json or _REPO / "bench" / "results" / f"gpu-{stamp}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = results_path(args.json, "gpu", args.quick)
         path.write_text(
             json.dumps({"environment": env, "copy_GBps": copy_gbps, "cases": rows, "targets": goals}, indent=2) + "\n"
         )

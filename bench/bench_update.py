@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import statistics
 import sys
@@ -50,7 +49,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.distributions import Categorical  # noqa: E402
 
-from bench.common import (  # noqa: E402  # noqa: E402
+from bench.common import (  # noqa: E402
     NOISY_CORES,
     OtherLoad,
     backend_of,
@@ -59,6 +58,7 @@ from bench.common import (  # noqa: E402  # noqa: E402
     fmt_us,
     import_fastclip,
     print_aligned,
+    results_path,
     run_rounds,
     warn_backend,
 )
@@ -467,17 +467,7 @@ def main(argv=None):
         )
 
     if not args.no_json:
-        path = (
-            Path(args.json)
-            if args.json
-            else (
-                _REPO
-                / "bench"
-                / "results"
-                / (f"update-{device.type}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
-            )
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = results_path(args.json, f"update-{device.type}", args.quick)
         out = {
             "benchmark": "bench_update",
             "command": command_line(__spec__),

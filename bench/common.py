@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -131,6 +132,15 @@ def fmt_us(x):
     if x is None:
         return "-"
     return f"{x / 1e3:.2f}ms" if x >= 1e4 else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def results_path(json_arg, name, quick=False):
+    """Where a benchmark writes its JSON: --json if given, else bench/results/<name>-<date>.json
+    (...-quick.json for --quick runs, so they never overwrite a full result). The folder is made."""
+    stamp = _dt.date.today().isoformat() + ("-quick" if quick else "")
+    path = Path(json_arg) if json_arg else Path(__file__).resolve().parent / "results" / f"{name}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def print_aligned(hdr, table, left_cols, file):
