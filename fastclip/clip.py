@@ -305,10 +305,14 @@ def clip_grad_norm_(
     return _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
 
 
-def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn):
-    """Every other case: errors, several devices, the nonfinite check, p <= 0, tracing."""
+def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn, skip=False, found_inf=None):
+    """Every other case: errors, several devices, the nonfinite check, p <= 0, tracing, and
+    nonfinite="skip" (skip=True: a non-finite norm leaves the grads untouched; found_inf, if
+    given, gets 1.0 or 0.0 on the device)."""
     grads = _grads_of(params, fn)
     if not grads:
+        if found_inf is not None:
+            found_inf.zero_()
         return torch.tensor(0.0)
     _check_grads(grads, fn)
     dtype = _result_dtype(grads)
@@ -317,7 +321,7 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         groups, error_if_nonfinite, fn, lambda g: f"parameters[{_index_of(g, [p.grad for p in params])}].grad"
     )
     with torch.no_grad():
-        if len(groups) == 1 and not error_if_nonfinite:
+        if len(groups) == 1 and not (error_if_nonfinite or skip):
             ((device, gs),) = groups.items()
             if _norm_is_fused(gs, device, norm_type):
                 return _ops.clip_grad_norm_(gs, max_norm, norm_type, dtype)
@@ -325,7 +329,12 @@ def _clip_grad_norm_general(params, max_norm, norm_type, error_if_nonfinite, fn)
         norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
         if error_if_nonfinite:
             _raise_if_nonfinite(norm, norm_type, dtype)
-        _scale_groups(groups, _reference.clip_coef(max_norm, norm))
+        coef = _reference.clip_coef(max_norm, norm)
+        if skip:  # a non-finite norm gives a coefficient of exactly 1: scale_ then stores nothing
+            coef = skip_if_nonfinite(coef, norm)
+        _scale_groups(groups, coef)
+        if found_inf is not None:
+            found_inf.copy_(nonfinite_flag(norm))
         return norm.to(dtype)
 
 
@@ -352,20 +361,7 @@ def _clip_grad_norm_policy(parameters, max_norm, norm_type, error_if_nonfinite, 
         return _distributed.clip_grad_norm_(params, max_norm, norm_type, True, group, fn)
     if nonfinite == "error":
         return _clip_grad_norm_general(params, max_norm, norm_type, True, fn)
-    grads = _grads_of(params, fn)
-    if not grads:
-        if found_inf is not None:
-            found_inf.zero_()
-        return torch.tensor(0.0)
-    _check_grads(grads, fn)
-    with torch.no_grad():
-        groups = _group_by_device(grads)
-        norm = _combine_norms(_device_norms(groups, norm_type), norm_type, grads[0].device)
-        # A non-finite norm gives a coefficient of exactly 1: scale_ then stores nothing.
-        _scale_groups(groups, skip_if_nonfinite(_reference.clip_coef(max_norm, norm), norm))
-        if found_inf is not None:
-            found_inf.copy_(nonfinite_flag(norm))
-        return norm.to(_result_dtype(grads))
+    return _clip_grad_norm_general(params, max_norm, norm_type, False, fn, skip=True, found_inf=found_inf)
 
 
 clip_ = clip_grad_norm_
