@@ -33,9 +33,9 @@ except ImportError as exc:  # not built, or built against another torch
 LOADED = _C is not None
 CUDA_BUILT = LOADED and _C.cuda_built()
 
-# The eager hot path's entry (csrc/py_module.cpp), None without the extension.
+# The eager hot path's entry (csrc/eager_params.h), None without the extension.
 clip_params = _C.clip_params if LOADED else None
-# Those of fastclip/local.py's functions (csrc/local_params.h).
+# Those of fastclip/local.py's functions (csrc/eager_params.h).
 tensor_norms = _C.tensor_norms if LOADED else None
 per_layer_params = _C.per_layer_params if LOADED else None
 agc_params = _C.agc_params if LOADED else None

@@ -1,7 +1,7 @@
 """fastclip's public functions: torch.nn.utils' clipping API, fused.
 
 Data path: clip_grad_norm_ checks its scalar arguments and, in eager mode,
-hands the parameter list to fastclip._C.clip_params (csrc/py_module.cpp), which
+hands the parameter list to fastclip._C.clip_params (csrc/eager_params.h), which
 reads and checks every .grad in C++ and calls torch.ops.fastclip.clip_grad_norm_
 (schema: csrc/ops.cpp; kernels: csrc/cpu/clip_cpu.cpp, csrc/cuda/clip_cuda.cpp).
 Everything else (bad input and its errors, several devices,
@@ -295,7 +295,7 @@ def clip_grad_norm_(
     norm_type = _check_norm_type(norm_type, fn)
     eager = _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not _compiling()
     if eager and group is None:
-        # The eager hot path: grads read, checked and clipped in C++ (csrc/py_module.cpp). It
+        # The eager hot path: grads read, checked and clipped in C++ (csrc/eager_params.h). It
         # declines (None) DTensor grads, which dispatch to Python, so they cost it nothing.
         norm = _ops.clip_params(params, max_norm, norm_type)
         if norm is not None:

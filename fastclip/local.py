@@ -28,7 +28,7 @@ def per_tensor_norms(tensors, norm_type=2.0):
     if isinstance(tensors, (list, tuple)) and _ops.tensor_norms is not None:
         norm_type = _check_norm_type(norm_type, fn)
         if norm_type > 0 and not _compiling():
-            # The eager hot path: tensors checked and the op called from C++ (csrc/local_params.h).
+            # The eager hot path: tensors checked and the op called from C++ (csrc/eager_params.h).
             norms = _ops.tensor_norms(tensors, norm_type)
             if norms is not None:
                 return norms
@@ -122,7 +122,7 @@ def clip_grad_norm_per_layer_(parameters, max_norm, norm_type=2.0, by="tensor"):
         max_norm = _check_max_norm(max_norm, fn)
         norm_type = _check_norm_type(norm_type, fn)
         if norm_type > 0 and not _compiling():
-            # The eager hot path: grads read, checked and clipped in C++ (csrc/local_params.h).
+            # The eager hot path: grads read, checked and clipped in C++ (csrc/eager_params.h).
             norms = _ops.per_layer_params(parameters, max_norm, norm_type)
             if norms is not None:
                 return norms
@@ -206,7 +206,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
         and not _compiling()
         and _ops.agc_params(parameters, clip_factor, eps, norm_type)
     ):
-        return  # the eager hot path: done in C++ (csrc/local_params.h)
+        return  # the eager hot path: done in C++ (csrc/eager_params.h)
     params = _as_list(parameters, fn, "parameters", warn_empty_generator=True)
     for i, p in enumerate(params):
         _check_tensor(p, i, fn, "parameters")

@@ -1,13 +1,13 @@
-// The eager hot paths of fastclip.per_tensor_norms,
-// fastclip.clip_grad_norm_per_layer_ and fastclip.adaptive_clip_grad_
-// (fastclip/local.py), as clip_params is for
-// clip_grad_norm_ (py_module.cpp): read each parameter's .grad and check it in
-// C++, then call the op through the C++ dispatcher. On a small model the
-// Python version of this loop costs several times the op itself. Each returns
-// None, touching nothing, when the set is not one the op takes as is (a
-// non-tensor, sparse or non-float grads or params, several devices, a tensor
-// subclass): the Python path then raises the clear error or handles the case.
-// Header-only: included by py_module.cpp, which registers the functions.
+// The eager hot paths of fastclip.clip_grad_norm_ (fastclip/clip.py) and of
+// fastclip.per_tensor_norms, clip_grad_norm_per_layer_ and adaptive_clip_grad_
+// (fastclip/local.py): read each parameter's .grad and check it in C++, then
+// call the op through the C++ dispatcher (a typed call, not the boxed Python
+// one). On a small model the Python version of this loop costs several times
+// the op itself. Each returns None (false), touching nothing, when the set is
+// not one the op takes as is (a non-tensor, sparse or non-float grads or
+// params, several devices, a tensor subclass that dispatches to Python, such
+// as DTensor): the Python path then raises the clear error or handles the
+// case. Header-only: included by py_module.cpp, which registers the functions.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,7 +17,7 @@
 
 #include "grad_checks.h"
 
-namespace fastclip::local_params {
+namespace fastclip::eager {
 
 inline bool has_kernels(const at::Device& d) {
 #ifdef FASTCLIP_WITH_CUDA
@@ -49,6 +49,25 @@ inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std:
     grads.push_back(g);
   }
   return !grads.empty();
+}
+
+// clip_grad_norm_ for a list/tuple of parameters on one device, p > 0, no error
+// check. Returns the norm in torch's dtype (the grads' dtypes promoted), or None.
+inline py::object clip_params(const py::sequence& seq, double max_norm, double norm_type) {
+  std::vector<at::Tensor> grads;
+  if (!gather(seq, grads, nullptr)) return py::none();
+  at::ScalarType dtype = grads[0].scalar_type();
+  for (const at::Tensor& g : grads) dtype = c10::promoteTypes(dtype, g.scalar_type());
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastclip::clip_grad_norm_", "")
+                             .typed<at::Tensor(at::TensorList, double, double, std::optional<at::ScalarType>)>();
+  at::Tensor norm;
+  {
+    py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;  // grads may require grad (create_graph=True); clipping is not recorded
+    norm = op.call(grads, max_norm, norm_type, dtype);
+  }
+  return py::cast(norm);
 }
 
 // per_tensor_norms(tensors, norm_type) for a list of plain tensors on one device.
@@ -104,12 +123,14 @@ inline bool agc_params(const py::sequence& seq, double clip_factor, double eps, 
 }
 
 inline void register_functions(py::module_& m) {
+  m.def("clip_params", &clip_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
+        "Eager hot path of fastclip.clip_grad_norm_ (see csrc/eager_params.h).");
   m.def("tensor_norms", &tensor_norms, py::arg("tensors"), py::arg("norm_type"),
-        "Eager hot path of fastclip.per_tensor_norms (see csrc/local_params.h).");
+        "Eager hot path of fastclip.per_tensor_norms (see csrc/eager_params.h).");
   m.def("per_layer_params", &per_layer_params, py::arg("params"), py::arg("max_norm"), py::arg("norm_type"),
-        "Eager hot path of fastclip.clip_grad_norm_per_layer_ (see csrc/local_params.h).");
+        "Eager hot path of fastclip.clip_grad_norm_per_layer_ (see csrc/eager_params.h).");
   m.def("agc_params", &agc_params, py::arg("params"), py::arg("clip_factor"), py::arg("eps"), py::arg("norm_type"),
-        "Eager hot path of fastclip.adaptive_clip_grad_ (see csrc/local_params.h).");
+        "Eager hot path of fastclip.adaptive_clip_grad_ (see csrc/eager_params.h).");
 }
 
-}  // namespace fastclip::local_params
+}  // namespace fastclip::eager
