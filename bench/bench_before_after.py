@@ -44,7 +44,7 @@ def _export_csrc(ref, dest):
 
 def _rename_namespace(csrc, namespace):
     """The ops under `namespace` instead of fastclip, the module named by the JIT loader."""
-    for path in csrc.rglob("*.cpp"):
+    for path in [*csrc.rglob("*.cpp"), *csrc.rglob("*.h")]:  # schema names live in headers too
         text = path.read_text()
         text = re.sub(r"TORCH_LIBRARY(_IMPL)?\(fastclip,", rf"TORCH_LIBRARY\1({namespace},", text)
         text = text.replace('"fastclip::', f'"{namespace}::').replace(
