@@ -48,25 +48,32 @@ struct GradSet {
   bool float_acc = false;  // some grad is accumulated in float (not fp64)
 };
 
+inline int64_t chunks_of(const Span& s) { return (s.numel + kChunkElems - 1) / kChunkElems; }
+
+// Appends g as the set's next span (read through a contiguous copy if it is not
+// dense). Returns the span's index, or -1 for a zero-size grad (no span).
+inline int64_t add_span(GradSet& set, const at::Tensor& g) {
+  set.any_double |= g.scalar_type() == at::kDouble;
+  if (g.numel() == 0) return -1;
+  set.float_acc |= g.scalar_type() != at::kDouble;
+  void* data = g.data_ptr();
+  if (!g.is_non_overlapping_and_dense()) {
+    set.copies.emplace_back(g, g.contiguous());
+    data = set.copies.back().second.data_ptr();
+  }
+  set.spans.push_back(Span{data, g.numel(), g.scalar_type(), set.num_chunks});
+  set.num_chunks += chunks_of(set.spans.back());
+  set.numel += g.numel();
+  return static_cast<int64_t>(set.spans.size()) - 1;
+}
+
 inline GradSet make_grad_set(at::TensorList grads, const char* op) {
   check_grads(grads, op);
   const std::vector<bool> repeated = repeated_grads(grads, op);
   GradSet set;
   set.spans.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    set.any_double |= g.scalar_type() == at::kDouble;
-    const int64_t n = g.numel();
-    if (n == 0 || (!repeated.empty() && repeated[i])) continue;
-    set.float_acc |= g.scalar_type() != at::kDouble;
-    void* data = g.data_ptr();
-    if (!g.is_non_overlapping_and_dense()) {
-      set.copies.emplace_back(g, g.contiguous());
-      data = set.copies.back().second.data_ptr();
-    }
-    set.spans.push_back(Span{data, n, g.scalar_type(), set.num_chunks});
-    set.num_chunks += (n + kChunkElems - 1) / kChunkElems;
-    set.numel += n;
+    if (repeated.empty() || !repeated[i]) add_span(set, grads[i]);
   }
   return set;
 }
@@ -90,7 +97,7 @@ void for_each_chunk(const GradSet& set, int64_t begin, int64_t end, Order order,
   size_t i = static_cast<size_t>(it - set.spans.begin()) - 1;  // the span holding chunk `first`
   for (int64_t c = first; forward ? c < end : c >= begin; c += forward ? 1 : -1) {
     while (c < set.spans[i].first_chunk) --i;
-    while (c >= set.spans[i].first_chunk + (set.spans[i].numel + kChunkElems - 1) / kChunkElems) ++i;
+    while (c >= set.spans[i].first_chunk + chunks_of(set.spans[i])) ++i;
     const Span& s = set.spans[i];
     const int64_t offset = (c - s.first_chunk) * kChunkElems;
     fn(s, offset, std::min(kChunkElems, s.numel - offset), c);

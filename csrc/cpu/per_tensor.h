@@ -27,31 +27,13 @@ inline PerTensorSet make_per_tensor_set(at::TensorList grads, const char* op, bo
   check_grads(grads, op);
   PerTensorSet out;
   if (check_overlap) out.repeated = repeated_grads(grads, op);
-  GradSet& set = out.set;
-  set.spans.reserve(grads.size());
-  out.span_of.assign(grads.size(), -1);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    set.any_double |= g.scalar_type() == at::kDouble;
-    const int64_t n = g.numel();
-    if (n == 0) continue;
-    set.float_acc |= g.scalar_type() != at::kDouble;
-    void* data = g.data_ptr();
-    if (!g.is_non_overlapping_and_dense()) {
-      set.copies.emplace_back(g, g.contiguous());
-      data = set.copies.back().second.data_ptr();
-    }
-    out.span_of[i] = static_cast<int64_t>(set.spans.size());
-    set.spans.push_back(Span{data, n, g.scalar_type(), set.num_chunks});
-    set.num_chunks += (n + kChunkElems - 1) / kChunkElems;
-    set.numel += n;
-  }
+  out.set.spans.reserve(grads.size());
+  out.span_of.reserve(grads.size());
+  for (const at::Tensor& g : grads) out.span_of.push_back(add_span(out.set, g));  // a repeat too: it has a norm
   return out;
 }
 
 inline bool is_repeat(const PerTensorSet& pts, size_t grad) { return !pts.repeated.empty() && pts.repeated[grad]; }
-
-inline int64_t chunks_of(const Span& s) { return (s.numel + kChunkElems - 1) / kChunkElems; }
 
 inline size_t span_index(const GradSet& set, const Span& s) { return static_cast<size_t>(&s - set.spans.data()); }
 
