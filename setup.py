@@ -16,11 +16,17 @@ toolkit is found (no GPU is needed at build time). Environment overrides:
   FASTCLIP_CPU_ISA=default  build the CPU operator for baseline x86-64 instead of
                          AVX2 (used by default when this machine's CPU has it)
   DEBUG=1                -O0 -g, for gdb / compute-sanitizer line numbers
+
+The extension always links the shared C++ runtime (RUNTIME_LINK_FLAGS), and every
+build is checked for it (check_shared_runtime). Importing this file builds nothing:
+the tests use those two.
 """
 
 import glob
 import os
 import runpy
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -72,6 +78,32 @@ def _cpu_isa_flags(torch):
     return []
 
 
+# The C++ runtime and unwinder torch itself uses, as shared libraries. Some toolchains (custom
+# or conda GCC builds) link libstdc++ and libgcc statically by default: the extension would then
+# carry a private copy of the runtime beside torch's, and the first TORCH_CHECK that formats a
+# number into its message crashes the process (or loses the number) instead of raising. Named
+# before the defaults the compiler appends, these libraries supply every symbol first, so a
+# static default pulls nothing in.
+RUNTIME_LINK_FLAGS = ["-l:libstdc++.so.6", "-l:libgcc_s.so.1"]
+
+
+def check_shared_runtime(path):
+    """None if the shared object at `path` depends on the shared libstdc++ (readelf -d lists
+    libstdc++.so.6 as NEEDED), else the reason it cannot be loaded safely beside torch."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None  # binutils links every build: only a stripped-down system lacks it; nothing to check with
+    dynamic = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    if "Shared library: [libstdc++.so.6]" in dynamic:
+        return None
+    return (
+        f"{os.path.basename(path)} does not load the shared C++ runtime (readelf -d lists no libstdc++.so.6 "
+        "as NEEDED): the compiler linked libstdc++ statically, and a second copy of the C++ runtime beside "
+        "torch's crashes the process on the first error it reports. Build with a compiler that links "
+        "libstdc++.so.6 (CXX=...), or report this toolchain: fastclip asks for it with " + " ".join(RUNTIME_LINK_FLAGS)
+    )
+
+
 def _extension(torch):
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
@@ -89,7 +121,8 @@ def _extension(torch):
     # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one
     # thread. Linking with -fopenmp resolves to the libgomp torch already loads.
     cxx = opt + ["-Wall", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_isa_flags(torch)
-    kwargs = dict(include_dirs=[CSRC], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    link = ["-fopenmp"] + RUNTIME_LINK_FLAGS
+    kwargs = dict(include_dirs=[CSRC], extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     if not want_cuda:
         return CppExtension("fastclip._C", sources, **kwargs)
@@ -113,16 +146,25 @@ def _build_ext():
             super().finalize_options()
             self.build_temp = os.path.join(ROOT, "build", "temp")
 
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = self.get_ext_fullpath(ext.name)
+            problem = check_shared_runtime(path)
+            if problem:
+                os.remove(path)  # never leave an extension that would crash its importer
+                sys.exit(f"error: {problem}")
+
     return BuildExt
 
 
-torch = _import_torch()
-setup(
-    version=VERSION["__version__"],
-    install_requires=[VERSION["TORCH_REQUIREMENT"]],
-    packages=find_packages(include=["fastclip", "fastclip.*"]),
-    package_data={"fastclip": ["py.typed"]},  # the public API is typed (PEP 561)
-    ext_modules=[_extension(torch)],
-    cmdclass={"build_ext": _build_ext()},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # pip and setuptools run it so; the tests import the helpers above
+    torch = _import_torch()
+    setup(
+        version=VERSION["__version__"],
+        install_requires=[VERSION["TORCH_REQUIREMENT"]],
+        packages=find_packages(include=["fastclip", "fastclip.*"]),
+        package_data={"fastclip": ["py.typed"]},  # the public API is typed (PEP 561)
+        ext_modules=[_extension(torch)],
+        cmdclass={"build_ext": _build_ext()},
+        zip_safe=False,
+    )

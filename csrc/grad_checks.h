@@ -16,11 +16,12 @@ inline bool is_fused_dtype(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
 }
 
-// Checks every grad (before anything is touched): strided, a fused dtype, all
-// on one device.
+// Checks every grad (before anything is touched): a fused dtype, all on one
+// device. Sparse and other non-strided layouts have dispatch keys of their own
+// (SparseCPU, MkldnnCPU...) for which no kernel is registered: the dispatcher
+// refuses them before any kernel runs.
 inline void check_grads(at::TensorList grads, const char* op) {
   for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.layout() == at::kStrided, "fastclip::", op, ": sparse grads are not supported");
     TORCH_CHECK(is_fused_dtype(g.scalar_type()), "fastclip::", op,
                 ": grads must be float32, float64, float16 or bfloat16, got ", g.scalar_type());
     TORCH_CHECK(g.device() == grads[0].device(), "fastclip::", op, ": all grads must be on one device, got ",
@@ -33,12 +34,17 @@ inline void check_norm_type(double p, const char* op) {
               " (p <= 0 is handled by fastclip's reference path)");
 }
 
+// A negative max_norm would flip the grads' signs; NaN fails the test too.
+inline void check_max_norm(double max_norm, const char* op) {
+  TORCH_CHECK(max_norm >= 0.0, "fastclip::", op, ": max_norm must be a non-negative number, got ", max_norm);
+}
+
 // clip_grad_norm_per_layer_'s arguments (both backends): groups empty (one
 // group per grad) or one id per grad, each in [0, number of grads).
 inline void check_per_layer_args(at::TensorList grads, at::IntArrayRef groups, double max_norm, double norm_type,
                                  const char* op) {
   check_norm_type(norm_type, op);
-  TORCH_CHECK(max_norm >= 0.0, "fastclip::", op, ": max_norm must be a non-negative number, got ", max_norm);
+  check_max_norm(max_norm, op);
   TORCH_CHECK(groups.empty() || groups.size() == grads.size(), "fastclip::", op,
               ": groups must be empty or hold one id per grad, got ", groups.size(), " ids for ", grads.size(),
               " grads");

@@ -14,7 +14,7 @@ import torch
 from adaptive_reference import ReferenceAutoClip, ReferenceZClip
 
 import fastclip
-from helpers import FUSED_DTYPES
+from helpers import DEVICES, FUSED_DTYPES
 
 SHAPES = [(16, 8), (8,), (4, 4, 3), (5,)]
 
@@ -27,6 +27,14 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["host", "tensor"] + [d for d in DEVICES if d != "cpu"])
+def where(request, monkeypatch):
+    """The device a step runs on: CPU grads by either implementation (as `path`), or a GPU's
+    grads (the tensor ops on the device). Returns the device."""
+    monkeypatch.setattr(fastclip.adaptive._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
+    return request.param if request.param not in ("host", "tensor") else "cpu"
+
+
 def norm_sequence(steps, seed, spikes=()):
     """Log-normal norms around 1 with planted spikes {step: factor}."""
     seq = np.exp(np.random.default_rng(seed).normal(0.0, 0.3, steps))
@@ -35,8 +43,8 @@ def norm_sequence(steps, seed, spikes=()):
     return seq
 
 
-def make_params(dtype):
-    return [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in SHAPES]
+def make_params(dtype, device="cpu"):
+    return [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=device)) for s in SHAPES]
 
 
 def set_grads(params, step, norm, seed=0):
@@ -45,7 +53,7 @@ def set_grads(params, step, norm, seed=0):
     dirs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
     scale = norm / math.sqrt(sum(float(d.square().sum()) for d in dirs))
     for p, d in zip(params, dirs):
-        p.grad = (d * scale).to(p.dtype)
+        p.grad = (d * scale).to(p.device, p.dtype)
 
 
 def copy_grads(src, dst, dtype=None):
@@ -53,11 +61,11 @@ def copy_grads(src, dst, dtype=None):
         d.grad = s.grad.clone() if dtype is None else s.grad.to(dtype, copy=True)
 
 
-def run_against_reference(make_fast, make_ref, dtype, seq, seed=0):
-    """Run fastclip's clipper on `dtype` grads, the reference on the same grads, and the
-    reference on their exact fp64 copies. Returns the per-step records and the grads
-    errors (max relative to the largest exact grad) of fastclip and of the reference."""
-    fast_p, ref_p, exact_p = make_params(dtype), make_params(dtype), make_params(torch.float64)
+def run_against_reference(make_fast, make_ref, dtype, seq, seed=0, device="cpu"):
+    """Run fastclip's clipper on `dtype` grads on `device`, the reference on the same grads (on
+    the CPU), and the reference on their exact fp64 copies. Returns the per-step records and the
+    grads errors (max relative to the largest exact grad) of fastclip and of the reference."""
+    fast_p, ref_p, exact_p = make_params(dtype, device), make_params(dtype), make_params(torch.float64)
     fast, ref, exact = make_fast(), make_ref(), make_ref()
     rows, err_fast, err_ref = [], 0.0, 0.0
     for step, target in enumerate(seq):
@@ -71,7 +79,7 @@ def run_against_reference(make_fast, make_ref, dtype, seq, seed=0):
         top = max(float(p.grad.abs().max()) for p in exact_p)
         if math.isfinite(top) and top > 0:
             for f, r, e in zip(fast_p, ref_p, exact_p):
-                err_fast = max(err_fast, float((f.grad.double() - e.grad).abs().max()) / top)
+                err_fast = max(err_fast, float((f.grad.cpu().double() - e.grad).abs().max()) / top)
                 err_ref = max(err_ref, float((r.grad.double() - e.grad).abs().max()) / top)
     return rows, err_fast, err_ref
 
@@ -104,10 +112,10 @@ AUTOCLIP_CASES = [
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("kwargs", AUTOCLIP_CASES, ids=repr)
-def test_autoclip_matches_the_paper(dtype, kwargs, path):
+def test_autoclip_matches_the_paper(dtype, kwargs, where):
     seq = norm_sequence(40, seed=1, spikes={0: 30.0, 3: 50.0, 20: 1e3, 21: 1e-3})
     rows, err_fast, err_ref = run_against_reference(
-        lambda: fastclip.AutoClip(**kwargs), lambda: ReferenceAutoClip(**kwargs), dtype, seq
+        lambda: fastclip.AutoClip(**kwargs), lambda: ReferenceAutoClip(**kwargs), dtype, seq, device=where
     )
     assert_matches(rows, dtype, err_fast, err_ref)
     # The clip really happened (a history of 1 clips each norm to itself: no count there).
@@ -126,12 +134,12 @@ ZCLIP_CASES = [
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("kwargs", ZCLIP_CASES, ids=repr)
-def test_zclip_matches_the_paper(dtype, kwargs, path):
+def test_zclip_matches_the_paper(dtype, kwargs, where):
     w = kwargs.get("warmup_steps", 25)
     # Spikes inside the warm-up, on its last step, right after it, and twice in a row later.
     seq = norm_sequence(w + 40, seed=2, spikes={0: 5.0, w - 1: 8.0, w: 20.0, w + 1: 6.0, w + 15: 100.0, w + 16: 50.0})
     rows, err_fast, err_ref = run_against_reference(
-        lambda: fastclip.ZClip(**kwargs), lambda: ReferenceZClip(**kwargs), dtype, seq
+        lambda: fastclip.ZClip(**kwargs), lambda: ReferenceZClip(**kwargs), dtype, seq, device=where
     )
     assert_matches(rows, dtype, err_fast, err_ref)
     spikes = [k for k, (n, _, t, _) in enumerate(rows) if t < n]

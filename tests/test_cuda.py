@@ -26,6 +26,7 @@ from helpers import assert_within_twice_torchs_error, clone_params, exact_norm, 
 # A mix of sizes: scalars, biases, a tensor spanning many 32 KiB tiles with a
 # short last tile, and one a little over a tile.
 SHAPES = [(), (7,), (64,), (64, 4), (300, 257), (3, 5, 7), (8193,), (1,)]
+MLP = [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]  # CartPole's Q-network: the one-block kernel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,10 +128,9 @@ def test_many_tensors(n):
     assert_within_twice_torchs_error(params, fc, fc_norm, tc, torch_norm, max_norm, 2.0)
 
 
-@pytest.mark.parametrize("n_tensors", [6, 1500])
-def test_graph_capture_and_replay(n_tensors):
-    shapes = SHAPES if n_tensors == 6 else [(i % 97 + 1,) for i in range(n_tensors)]
-    params = make_params(shapes[:n_tensors], [torch.float32, torch.float16], seed=5)
+@pytest.mark.parametrize("shapes", [MLP, SHAPES[:6], [(i % 97 + 1,) for i in range(1500)]], ids=["mlp", "6", "1500"])
+def test_graph_capture_and_replay(shapes):
+    params = make_params(shapes, [torch.float32, torch.float16], seed=5)
     max_norm = 0.3 * exact_norm([p.grad for p in params], 2.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -141,7 +141,7 @@ def test_graph_capture_and_replay(n_tensors):
     with torch.cuda.graph(graph):
         out_norm = fastclip.clip_grad_norm_(params, max_norm)
     for step in range(3):
-        fresh = make_params(shapes[:n_tensors], [torch.float32, torch.float16], seed=100 + step)
+        fresh = make_params(shapes, [torch.float32, torch.float16], seed=100 + step)
         for p, f in zip(params, fresh):
             p.grad.copy_(f.grad)  # new values, same storage
         want = clone_params(fresh)
@@ -185,12 +185,15 @@ def test_int64_sizes():
 _DRIVER = textwrap.dedent("""
     import sys, torch, fastclip
     torch.manual_seed(7)
-    small = [torch.randn(s, device="cuda") for s in [(64, 4), (64,), (300, 257), (8193,)]]
+    # an RL MLP (the one-block small kernel by default), fp32 and bf16
+    mlp = [torch.randn(s, device="cuda") for s in [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)]]
+    mlp_bf16 = [g.bfloat16() for g in mlp]
+    small = [torch.randn(s, device="cuda") for s in [(64, 4), (64,), (300, 257), (8193,)]]  # 14 tiles
     big = [torch.randn(35_000_000, device="cuda"), torch.randn(513, device="cuda").half()]  # > 4096 tiles
     # fp32 squares overflow: the one-block rescue pass, on each grid and on the fallback
-    exploding = [torch.randn(70_000, device="cuda") * 3e19, torch.randn(300, device="cuda")]
+    exploding = [torch.randn(7000, device="cuda") * 3e19, torch.randn(300, device="cuda")]
     out = []
-    for grads in (small, big, exploding):
+    for grads in (mlp, mlp_bf16, small, big, exploding):
         out.append(torch.ops.fastclip.total_norm(grads, 2.0).cpu())
         gs = [g.clone() for g in grads]
         out.append(torch.ops.fastclip.clip_grad_norm_(gs, 1.0, 2.0).cpu())
@@ -212,6 +215,8 @@ def test_bitwise_deterministic_across_runs_grids_and_fallback(tmp_path):
         "grid1": {"FASTCLIP_CUDA_MAX_GRID": "1"},
         "grid7": {"FASTCLIP_CUDA_MAX_GRID": "7"},
         "fallback": {"FASTCLIP_CUDA_NO_COOP": "1"},
+        "no small kernel": {"FASTCLIP_CUDA_SMALL_BYTES": "0"},
+        "small kernel up to 16 tiles": {"FASTCLIP_CUDA_SMALL_BYTES": "1000000000"},
     }
     for name, env in variants.items():
         other = _run_driver(tmp_path, name, env)
@@ -253,10 +258,15 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_one_kernel_launch_per_call(dtype):
+@pytest.mark.parametrize(
+    "shapes, kernel", [(MLP, "small_kernel"), ([(256, 1024), (1024,)] * 3, "fused_kernel")], ids=["mlp", "3M"]
+)
+def test_one_kernel_launch_per_call(dtype, shapes, kernel):
     """The point of fastclip: one launch, no memset, no copy, even when the norm
-    is returned in the grads' half-precision dtype."""
-    params = make_params([(64, 4), (64,), (64, 64), (64,), (2, 64), (2,)], [dtype])
+    is returned in the grads' half-precision dtype. An RL-sized set takes the
+    one-block kernel (no grid barrier, no workspace), a larger one the fused
+    cooperative kernel."""
+    params = make_params(shapes, [dtype])
     fastclip.clip_grad_norm_(params, 0.1)  # warm: caching allocator, attribute caches
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -264,7 +274,7 @@ def test_one_kernel_launch_per_call(dtype):
         torch.cuda.synchronize()
     assert norm.dtype == dtype
     gpu_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(gpu_events) == 1, gpu_events
+    assert len(gpu_events) == 1 and kernel in gpu_events[0], gpu_events
 
 
 _REFUSED = textwrap.dedent("""

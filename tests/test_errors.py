@@ -102,17 +102,3 @@ def test_error_if_nonfinite_with_finite_grads_clips_normally():
     n_torch = torch.nn.utils.clip_grad_norm_(theirs, 1.0, error_if_nonfinite=True)
     torch.testing.assert_close(n_ours, n_torch)
     torch.testing.assert_close(grads(params), grads(theirs))
-
-
-def test_the_op_itself_rejects_bad_input_clearly():
-    op = torch.ops.fastclip.clip_grad_norm_
-    if fastclip.backend() == "python":
-        pytest.skip("extension not built")
-    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
-        op([torch.ones(3, dtype=torch.int64)], 1.0, 2.0)
-    with pytest.raises(RuntimeError, match="norm_type must be > 0"):
-        op([torch.ones(3)], 1.0, 0.0)
-    g = torch.full((3,), 10.0)
-    with pytest.raises(RuntimeError, match="norm_dtype"):
-        op([g], 1.0, 2.0, torch.int32)
-    assert torch.equal(g, torch.full((3,), 10.0))  # rejected before the grads were touched

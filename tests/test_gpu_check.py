@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh without a GPU: the summary's rules (only a non-zero exit status is a
+"""gpu_check/run.sh without a GPU: the summary's rules (only a non-zero exit status is a
 failure; what did not run is listed apart, with its reason), the dry run that checks every
 stage's commands resolve, the real run's path when the build is unusable, and the sanitizer
 driver's own logic (run on the CPU operator). Each check has a negative control."""
@@ -15,9 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import gpu_build_cache, gpu_dry_run, gpu_summary  # noqa: E402
+from gpu_check import build_cache as gpu_build_cache  # noqa: E402
+from gpu_check import dry_run as gpu_dry_run  # noqa: E402
+from gpu_check import summary as gpu_summary  # noqa: E402
 
-SCRIPT = REPO / "bench" / "gpu_check.sh"
+SCRIPT = REPO / "gpu_check" / "run.sh"
 
 
 def write_step(results, stage, step, result, seconds=1, limit=60, cap=60, reason="", command="cmd", log=None):
@@ -59,8 +61,8 @@ def synthetic_run(results):
     write_step(results, "build", "backend", 0)
     write_step(
         results,
-        "cuda-tests",
-        "test_cuda",
+        "tests",
+        "suite",
         1,
         log="FAILED tests/test_cuda.py::test_raw_ops\n"
         "SKIPPED [1] tests/test_cuda.py:179: needs two GPUs\n3 failed, 60 passed in 50.0s\n",
@@ -76,16 +78,16 @@ def test_aggregate_counts_only_nonzero_exits_as_failures(tmp_path):
     summary = gpu_summary.write_aggregate(tmp_path)
     st = statuses(summary)
     assert st[("build", "build")] == "ok" and st[("bench", "bench_gpu")] == "ok"
-    assert st[("cuda-tests", "test_cuda")] == "failed" and st[("sanitize", "memcheck")] == "failed"
+    assert st[("tests", "suite")] == "failed" and st[("sanitize", "memcheck")] == "failed"
     assert st[("sanitize", "racecheck")] == "not_run" and st[("bench", "bench_update_cuda")] == "not_run"
-    assert st[("cuda-tests", "test_cuda: tests/test_cuda.py:179")] == "not_run"  # pytest -rs skip line
+    assert st[("tests", "suite: tests/test_cuda.py:179")] == "not_run"  # pytest -rs skip line
     assert st[("bench", "bench_gpu: case 1b")] == "not_run"  # declared in the log
-    for stage in ("trainers", "rest"):  # never ran in any call
+    for stage in ("profile", "trainers"):  # never ran in any call
         assert st[(stage, "(whole stage)")] == "not_run"
     assert summary["counts"] == {"ok": 3, "failed": 2, "not_run": 6} and not summary["ok"]
     text = (tmp_path / "summary.txt").read_text()
     assert "FAILURES: 2 failed, 3 ok, 6 not run" in text
-    assert "cuda-tests/test_cuda: exit status 1" in text and "3 failed, 60 passed" in text
+    assert "tests/suite: exit status 1" in text and "3 failed, 60 passed" in text
     assert "sanitize/memcheck: timed out after 180 s" in text
     assert "sanitize/racecheck: compute-sanitizer not found" in text and "needs two GPUs" in text
     assert gpu_summary.main(["aggregate", str(tmp_path)]) == 1
@@ -143,22 +145,23 @@ def test_dry_run_passes_here():
     r = run_script("--dry-run", "all")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "selfcheck: ok" in r.stdout
-    assert "dry run: 0 of 13 planned commands do not resolve" in r.stdout
+    assert "dry run: 0 of 14 planned commands do not resolve" in r.stdout
     for step in (
         "build/build",
-        "cuda-tests/test_cuda",
+        "tests/suite",
         "sanitize/memcheck_fallback",
         "sanitize/synccheck",
         "bench/bench_update_cuda",
+        "profile/update",
+        "profile/kernel",
         "trainers/reinforce",
-        "rest/tests_rest",
     ):
         assert f"resolved    {step}:" in r.stdout
 
 
 def copy_tree(dst):
     """The parts of the repository the check script reads, without any built extension."""
-    for sub in ("bench", "examples", "tests", "fastclip", "csrc"):
+    for sub in ("bench", "examples", "tests", "fastclip", "csrc", "gpu_check"):
         shutil.copytree(REPO / sub, dst / sub, ignore=shutil.ignore_patterns("*.so", "__pycache__", "results"))
     shutil.copy2(REPO / "setup.py", dst / "setup.py")
     return dst
@@ -166,14 +169,14 @@ def copy_tree(dst):
 
 def test_negative_control_dry_run_catches_unresolved_commands(tmp_path):
     tree = copy_tree(tmp_path / "repo")
-    (tree / "bench" / "bench_gpu.py").unlink()
+    (tree / "gpu_check" / "profile_update.py").unlink()
     a2c = tree / "examples" / "a2c.py"
     a2c.write_text(a2c.read_text().replace("eval_episodes:", "n_eval_episodes:"))
-    r = run_script("--dry-run", "bench", "trainers", cwd=tree, script=tree / "bench" / "gpu_check.sh")
+    r = run_script("--dry-run", "profile", "trainers", cwd=tree, script=tree / "gpu_check" / "run.sh")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "script bench/bench_gpu.py does not exist" in r.stdout
+    assert "script gpu_check/profile_update.py does not exist" in r.stdout
     assert "examples/a2c.py defines no --eval-episodes" in r.stdout
-    assert "dry run: 2 of 7 planned commands do not resolve" in r.stdout
+    assert "dry run: 3 of 7 planned commands do not resolve" in r.stdout  # both profile steps, a2c
 
 
 @pytest.mark.parametrize(
@@ -208,16 +211,16 @@ def test_real_run_with_unusable_build_fails_and_skips_the_rest(tmp_path):
         str(tree / "results"),
         "--export",
         str(tmp_path / "out"),
-        "cuda-tests",
+        "tests",
         cwd=tree,
-        script=tree / "bench" / "gpu_check.sh",
+        script=tree / "gpu_check" / "run.sh",
         env={"GPU_CHECK_BUDGET_S": "200"},
     )
     assert r.returncode == 1, r.stdout + r.stderr
     summary = (tree / "results" / "summary.txt").read_text()
     assert "restored from build/gpu-cache" in (tree / "results" / "build" / "build.log").read_text()
     assert "build/backend: exit status 1" in summary
-    assert "cuda-tests/test_cuda: the build stage failed in this call" in summary
+    assert "tests/suite: the build stage failed in this call" in summary
     assert "FAILURES: 1 failed, 1 ok, 1 not run" in summary
     exported = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert (
@@ -232,6 +235,8 @@ def test_build_key_follows_sources_and_switches(tmp_path):
     assert gpu_build_cache.key(dict(env), tree) == k
     assert gpu_build_cache.key({**env, "DEBUG": "1"}, tree) != k
     assert gpu_build_cache.key({"TORCH_CUDA_ARCH_LIST": "8.0"}, tree) != k
+    assert gpu_build_cache.key({**env, "CXX": "g++-13"}, tree) != k  # another compiler: built again
+    assert gpu_build_cache.key({**env, "LDFLAGS": "-static-libstdc++"}, tree) != k
     (tree / "csrc" / "cuda" / "clip_kernels.cu").write_text("// changed\n", encoding="utf-8")
     assert gpu_build_cache.key(env, tree) != k
 
@@ -242,7 +247,7 @@ def driver():
 
     if not _ops.has_kernels("cpu"):
         pytest.skip("the extension is not built: the CPU operator runs the driver's calls")
-    from bench import sanitize_driver
+    from gpu_check import sanitize_driver
 
     return sanitize_driver
 

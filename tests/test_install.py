@@ -80,7 +80,11 @@ def test_torch_is_no_build_requirement_and_the_minimum_is_in_the_metadata():
         pyproject = f.read()
     build_requires = re.search(r"^\[build-system\]\s*requires = \[([^\]]*)\]", pyproject, re.M).group(1)
     assert "torch" not in build_requires  # or pip would fetch a second torch to build against
-    assert importlib.metadata.requires("fastclip") == [_version.TORCH_REQUIREMENT]
+    try:
+        requires = importlib.metadata.requires("fastclip")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("fastclip is built in place, not pip-installed (as gpu_check/run.sh builds it): no metadata")
+    assert requires == [_version.TORCH_REQUIREMENT]
     with open(os.path.join(ROOT, "README.md")) as f:
         assert f"torch >= {_version.MIN_TORCH_STR}" in f.read()
 

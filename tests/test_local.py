@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastclip
-from helpers import FUSED_DTYPES, make_params
+from helpers import DEVICES, FUSED_DTYPES, make_params
 
 needs_extension = pytest.mark.skipif(not fastclip._ops.LOADED, reason="the compiled extension did not load")
 
@@ -51,8 +51,9 @@ def assert_norms_match(norms, tensors, p):
         assert abs(got - exact) <= acc_slack(t.dtype, t.numel()) * exact + 1e-300, (got, exact, t.shape, t.dtype)
 
 
-def model_grads(shapes, dtype, seed=0, noncontiguous=False, scale=1.0):
-    return [p.grad for p in make_params(shapes, dtype, seed=seed, noncontiguous=noncontiguous, scale=scale)]
+def model_grads(shapes, dtype, seed=0, noncontiguous=False, scale=1.0, device="cpu"):
+    params = make_params(shapes, dtype, seed=seed, noncontiguous=noncontiguous, scale=scale, device=device)
+    return [p.grad for p in params]
 
 
 # ---- per_tensor_norms -------------------------------------------------------
@@ -62,8 +63,9 @@ def model_grads(shapes, dtype, seed=0, noncontiguous=False, scale=1.0):
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("p", NORM_TYPES, ids=repr)
 @pytest.mark.parametrize("shapes", [MLP, CNN, MIXED], ids=["mlp", "cnn", "mixed"])
-def test_per_tensor_norms_match_the_fp64_reference(shapes, p, dtype):
-    ts = model_grads(shapes, dtype, seed=1, noncontiguous=True, scale=3.0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_tensor_norms_match_the_fp64_reference(device, shapes, p, dtype):
+    ts = model_grads(shapes, dtype, seed=1, noncontiguous=True, scale=3.0, device=device)
     norms = fastclip.per_tensor_norms(ts, p)
     assert norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert norms.device == ts[0].device
@@ -248,8 +250,9 @@ def median_norm(grads, p):
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("p", NORM_TYPES, ids=repr)
 @pytest.mark.parametrize("shapes", [MLP, CNN, MIXED], ids=["mlp", "cnn", "mixed"])
-def test_per_layer_matches_the_reference(shapes, p, dtype):
-    params = make_params(shapes, dtype, seed=11, none_every=5, noncontiguous=True, scale=2.0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_layer_matches_the_reference(device, shapes, p, dtype):
+    params = make_params(shapes, dtype, seed=11, none_every=5, noncontiguous=True, scale=2.0, device=device)
     grads = [q.grad for q in params if q.grad is not None]
     max_norm = median_norm(grads, p)  # about half the tensors clipped, half untouched
     expected, norms_ref = per_layer_reference(grads, list(range(len(grads))), max_norm, p)
@@ -464,13 +467,13 @@ def timm_style_loop(params, clip_factor, eps, p):
     return out
 
 
-def agc_params(shapes, dtype, seed, noncontiguous=False):
+def agc_params(shapes, dtype, seed, noncontiguous=False, device="cpu"):
     """Random weights and grads whose rows straddle AGC's threshold: each
     row's grad is scaled by 10^U(-3.3, -1.3) against clip_factor 0.01, so about
     half the units are clipped. Biases (1-D) start at zero, as they do in
     models: their threshold comes from eps."""
     gen = torch.Generator().manual_seed(seed)
-    params = make_params(shapes, dtype, seed=seed, noncontiguous=noncontiguous)
+    params = make_params(shapes, dtype, seed=seed, noncontiguous=noncontiguous, device=device)
     for q in params:
         if q.grad is None:
             continue
@@ -478,7 +481,7 @@ def agc_params(shapes, dtype, seed, noncontiguous=False):
             with torch.no_grad():
                 q.copy_(torch.randn(q.shape, generator=gen, dtype=torch.float64))
         rows = q.shape[0] if q.dim() > 1 and q.numel() else 1
-        factor = 10 ** (torch.rand(rows, generator=gen, dtype=torch.float64) * 2 - 3.3)
+        factor = (10 ** (torch.rand(rows, generator=gen, dtype=torch.float64) * 2 - 3.3)).to(device)
         factor = factor.view(-1, *([1] * (q.dim() - 1))) if q.dim() > 1 else factor * 1e-2
         q.grad.copy_((q.grad.double() * factor).to(dtype))
     return params
@@ -488,8 +491,9 @@ def agc_params(shapes, dtype, seed, noncontiguous=False):
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("p", NORM_TYPES, ids=repr)
 @pytest.mark.parametrize("shapes", [MLP, CNN, MIXED], ids=["mlp", "cnn", "mixed"])
-def test_agc_matches_the_papers_formula(shapes, p, dtype):
-    params = agc_params(shapes, dtype, seed=21, noncontiguous=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_matches_the_papers_formula(device, shapes, p, dtype):
+    params = agc_params(shapes, dtype, seed=21, noncontiguous=True, device=device)
     expected = [agc_reference(q, q.grad, 0.01, 1e-3, p) for q in params if q.grad is not None]
     baseline = timm_style_loop(params, 0.01, 1e-3, p)
     before = snapshot(params)

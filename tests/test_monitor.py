@@ -11,20 +11,22 @@ import pytest
 import torch
 
 import fastclip
+from helpers import DEVICES
 
 
-def small_model(seed=0):
+def small_model(seed=0, device="cpu"):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
-    )
+    ).to(device)
 
 
 def backward(model, step, seed=0):
     gen = torch.Generator().manual_seed(seed * 7919 + step)
     model.zero_grad()
     x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 2, generator=gen)
-    torch.nn.functional.mse_loss(model(x), y).backward()
+    device = next(model.parameters()).device
+    torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
 
 
 def reference_norms(model):
@@ -47,8 +49,9 @@ def run(model, steps, monitor, plant=None):
     return np.array(expected)
 
 
-def test_norms_match_fp64_reference_and_csv(tmp_path):
-    model = small_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_norms_match_fp64_reference_and_csv(tmp_path, device):
+    model = small_model(device=device)
     monitor = fastclip.GradMonitor(model, every=4, log_dir=str(tmp_path))
     expected = run(model, 10, monitor)  # two full flushes and 2 rows left for close()
     assert len(monitor.steps) == 8
@@ -63,9 +66,10 @@ def test_norms_match_fp64_reference_and_csv(tmp_path):
     assert monitor.explosions == []
 
 
-def test_comparison_can_fail():
+@pytest.mark.parametrize("device", DEVICES)
+def test_comparison_can_fail(device):
     """Control: the reference of another step does not match the recorded norms."""
-    model = small_model()
+    model = small_model(device=device)
     monitor = fastclip.GradMonitor(model, every=3)
     expected = run(model, 3, monitor)
     with pytest.raises(AssertionError):

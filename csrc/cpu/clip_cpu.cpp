@@ -116,6 +116,7 @@ void scale_cpu(at::TensorList grads, const at::Tensor& coef) {
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type,
                               std::optional<at::ScalarType> requested) {
   check_norm_type(norm_type, "clip_grad_norm_");
+  check_max_norm(max_norm, "clip_grad_norm_");
   const at::ScalarType out_dtype = norm_dtype(grads, requested, "clip_grad_norm_");  // before any grad is touched
   const GradSet set = make_grad_set(grads, "clip_grad_norm_");
   const double norm = global_norm(set, norm_type);

@@ -69,18 +69,18 @@ void copy_back(const Grads& g) {
 at::Tensor norm_impl(at::TensorList grads, double norm_type, bool clip, double max_norm,
                      std::optional<at::ScalarType> requested, const char* op) {
   check_norm_type(norm_type, op);
-  TORCH_CHECK(!grads.empty(), "fastclip::", op, ": empty list of grads");
-  c10::DeviceGuard guard(grads[0].device());
+  if (clip) check_max_norm(max_norm, op);
+  c10::DeviceGuard guard(grads[0].device());  // the dispatcher comes here only for a list holding a CUDA tensor
   const at::ScalarType out_dtype = norm_dtype(grads, requested, op);  // before any grad is touched
   Grads g = gather(grads, op);
   if (g.descs.empty()) return at::zeros({}, at::TensorOptions().dtype(out_dtype).device(g.device));
 
   at::Tensor norm = at::empty({}, at::TensorOptions().dtype(out_dtype).device(g.device));
   const gpu::Plan plan = gpu::plan(g.descs.data(), static_cast<int>(g.descs.size()), /*reduce=*/true);
-  at::Tensor ws = workspace(g.device, plan.workspace_bytes);
+  at::Tensor ws = workspace(g.device, plan.workspace_bytes);  // none for a small set
   check(gpu::norm_and_clip(g.descs.data(), static_cast<int>(g.descs.size()), plan, norm_kind(norm_type), norm_type,
-                           clip, max_norm, g.float_acc, norm.data_ptr(), to_dtype(out_dtype), ws.data_ptr(),
-                           current_stream(g.device)),
+                           clip, max_norm, g.float_acc, norm.data_ptr(), to_dtype(out_dtype),
+                           ws.defined() ? ws.data_ptr() : nullptr, current_stream(g.device)),
         op);
   if (clip) copy_back(g);
   return norm;
@@ -96,7 +96,7 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
 }
 
 void scale_cuda(at::TensorList grads, const at::Tensor& coef) {
-  if (grads.empty()) return;
+  if (grads.empty()) return;  // routed here by a CUDA coef
   c10::DeviceGuard guard(grads[0].device());
   TORCH_CHECK(coef.numel() == 1 && coef.device() == grads[0].device() &&
                   (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble),

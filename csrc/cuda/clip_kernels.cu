@@ -4,7 +4,9 @@
 //
 // Fused kernel, one block per co-resident slot (at most kMaxBlocksPerSM/SM):
 //   phase 1  blocks walk tiles (grid-stride), 16-byte loads with a scalar head
-//            for misaligned starts and a scalar tail; one partial per tile.
+//            for misaligned starts and a scalar tail; one partial per tile. The
+//            next tile's loads are issued before this tile is reduced, so the
+//            reduction's barriers do not leave the memory system idle.
 //   barrier  cooperative_groups grid sync: its state is per launch and owned
 //            by the driver, so no counter to zero, no memset, and concurrent
 //            calls on other streams or graph replays cannot share it. (A
@@ -16,10 +18,15 @@
 //            block 0 alone redoes it scaled by max |g| and publishes the
 //            coefficient the same way (rare: an exploding set).
 //   phase 2  scale in place, tiles in reverse order (the most recently read
-//            are the likeliest still in L2); when each block has at most one
-//            tile the values loaded in phase 1 are still in registers and
-//            are not read again. Nothing is stored when coef == 1.
-// Without cooperative launch the same phases run as three ordinary launches.
+//            are the likeliest still in L2), two tiles' loads in flight; when
+//            each block has at most one tile the values loaded in phase 1 are
+//            still in registers and are not read again. Nothing is stored when
+//            coef == 1.
+// Small sets (kSmallMaxBytes) take small_kernel: one ordinary block, the same
+// phases with the partials in shared memory: no barrier across blocks, no
+// workspace, and the cheaper launch. Without cooperative launch the phases of
+// a larger set run as three ordinary launches. Every path computes the same
+// partials and combines them in the same order: the same bits.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -74,12 +81,13 @@ struct ScaleArgs {
   bool coef_double;
 };
 
-// The partials combined, in fp64 (the sum of |g|^p, or max |g|). L2 loads
-// (__ldcg): the partials were written by other blocks of this grid.
-__device__ double reduce_partials(const Job& job) {
+// The partials combined, in fp64 (the sum of |g|^p, or max |g|). Global
+// partials are read from L2 (__ldcg): other blocks of this grid wrote them.
+template <bool kShared = false>
+__device__ double reduce_partials(const Job& job, const double* partials) {
   double acc = 0;
   for (int64_t i = threadIdx.x; i < job.num_tiles; i += kThreads)
-    acc = combine(acc, __ldcg(job.partials + i), job.kind);
+    acc = combine(acc, kShared ? partials[i] : __ldcg(partials + i), job.kind);
   return block_reduce(acc, job.kind);
 }
 
@@ -134,11 +142,29 @@ __device__ double norm_from(const D& descs, const Job& job, double acc) {
 
 // ---- phase 1: one partial per tile -----------------------------------------
 
+// Partials of this block's tiles (grid-stride) into partials[]. On return v
+// holds the vectors of the block's last tile.
 template <int Cap>
-__device__ void phase1(const Descs<Cap>& descs, const Job& job, uint4 (&v)[kVecsPerThread]) {
-  for (int64_t t = blockIdx.x; t < job.num_tiles; t += gridDim.x) {
-    const double partial = tile_partial(locate(descs, job.n, t), job.kind, job.p, v);
-    if (threadIdx.x == 0) job.partials[t] = partial;
+__device__ void phase1(const Descs<Cap>& descs, const Job& job, double* partials, uint4 (&v)[kVecsPerThread]) {
+  int64_t t = blockIdx.x;
+  if (t >= job.num_tiles) return;
+  Tile tile = locate(descs, job.n, t);
+  load_vectors(tile, v);
+  for (;;) {
+    const int64_t next = t + gridDim.x;
+    Tile next_tile{};
+    uint4 w[kVecsPerThread];
+    if (next < job.num_tiles) {
+      next_tile = locate(descs, job.n, next);
+      load_vectors(next_tile, w);  // in flight while this tile is reduced
+    }
+    const double partial = partial_of(tile, job.kind, job.p, v);
+    if (threadIdx.x == 0) partials[t] = partial;
+    if (next >= job.num_tiles) return;
+    t = next;
+    tile = next_tile;
+#pragma unroll
+    for (int k = 0; k < kVecsPerThread; ++k) v[k] = w[k];
   }
 }
 
@@ -150,7 +176,24 @@ __device__ void phase2(const Descs<Cap>& descs, int n, int64_t num_tiles, double
                        uint4 (&v)[kVecsPerThread]) {
   if (coef == 1.0) return;  // bitwise no-op: skip the stores (NaN != 1 scales, as torch does)
   const int64_t b = blockIdx.x, g = gridDim.x;
-  for (int64_t t = b + (num_tiles - 1 - b) / g * g; t >= b; t -= g) tile_scale(locate(descs, n, t), coef, cached, v);
+  if (cached) {
+    if (b < num_tiles) tile_scale(locate(descs, n, b), coef, true, v);
+    return;
+  }
+  // This block's tiles from the last down, two at a time: both tiles' loads are issued first.
+  for (int64_t t = b + (num_tiles - 1 - b) / g * g; t >= b; t -= 2 * g) {
+    const Tile first = locate(descs, n, t);
+    load_vectors(first, v);
+    if (t - g >= b) {
+      const Tile second = locate(descs, n, t - g);
+      uint4 w[kVecsPerThread];
+      load_vectors(second, w);
+      scale_loaded(first, coef, v);
+      scale_loaded(second, coef, w);
+    } else {
+      scale_loaded(first, coef, v);
+    }
+  }
 }
 
 // ---- kernels -----------------------------------------------------------------
@@ -159,7 +202,7 @@ template <int Cap>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) fused_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   const Job& job = a.job;
   uint4 v[kVecsPerThread];
-  phase1(a.descs, job, v);
+  phase1(a.descs, job, job.partials, v);
   cg::grid_group grid = cg::this_grid();
   grid_barrier(grid);
 
@@ -172,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) fused_kernel(const 
   bool publish = !redundant;
   double coef = 1.0;
   if (reducer) {
-    const double acc = reduce_partials(job);
+    const double acc = reduce_partials(job, job.partials);
     const bool rescue = needs_rescue(acc, job.kind, job.float_acc);
     publish = publish || rescue;
     if (!rescue || blockIdx.x == 0) {
@@ -192,18 +235,32 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) fused_kernel(const 
   phase2(a.descs, job.n, job.num_tiles, coef, job.num_tiles <= gridDim.x, v);
 }
 
+// Small sets: the whole job in one ordinary block, the partials in shared
+// memory. Same partials, same reduction order as fused_kernel.
+template <int Cap>
+__global__ void __launch_bounds__(kThreads) small_kernel(const __grid_constant__ FusedArgs<Cap> a) {
+  __shared__ double partials[kSmallMaxTiles];
+  const Job& job = a.job;
+  uint4 v[kVecsPerThread];
+  phase1(a.descs, job, partials, v);
+  __syncthreads();  // thread 0 wrote the partials every thread reads
+  const double norm = norm_from(a.descs, job, reduce_partials<true>(job, partials));
+  if (threadIdx.x == 0) write_norm(job, norm);
+  if (job.clip) phase2(a.descs, job.n, job.num_tiles, clip_coef(job.max_norm, norm), job.num_tiles == 1, v);
+}
+
 // Fallback, launch 1 of 3: the partials.
 template <int Cap>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM) partials_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   uint4 v[kVecsPerThread];
-  phase1(a.descs, a.job, v);
+  phase1(a.descs, a.job, a.job.partials, v);
 }
 
 // Fallback, launch 2 of 3 (one block): norm and coefficient.
 template <int Cap>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant__ FusedArgs<Cap> a) {
   const Job& job = a.job;
-  const double norm = norm_from(a.descs, job, reduce_partials(job));
+  const double norm = norm_from(a.descs, job, reduce_partials(job, job.partials));
   if (threadIdx.x == 0) {
     write_norm(job, norm);
     *job.coef_slot = clip_coef(job.max_norm, norm);
@@ -233,6 +290,10 @@ cudaError_t norm_and_clip_impl(const TensorDesc* descs, const Job& job, void* ta
   args.job = job;
   int grid = 0;
   bool coop = false;
+  if (job.partials == nullptr) {  // a small set (plan(): no workspace)
+    const cudaError_t e = grid_for(small_kernel<Cap>, 1, &grid, &coop);
+    return e == cudaSuccess ? launch(small_kernel<Cap>, 1, false, stream, args) : e;
+  }
   cudaError_t e = grid_for(fused_kernel<Cap>, job.num_tiles, &grid, &coop);
   if (e != cudaSuccess) return e;
   if (grid == 1 || coop) {
@@ -282,22 +343,27 @@ cudaError_t cleared(cudaError_t e) {
 }
 
 Plan plan(TensorDesc* descs, int n, bool reduce) {
-  int64_t tiles = 0;
+  int64_t tiles = 0, bytes = 0;
   for (int i = 0; i < n; ++i) {
     const int64_t per_tile = kTileBytes / elem_size(descs[i].dtype);
     descs[i].first_tile = tiles;
     tiles += (descs[i].numel + per_tile - 1) / per_tile;
+    bytes += descs[i].numel * elem_size(descs[i].dtype);
   }
+  DeviceInfo info;
+  const bool small = reduce && n <= kInlineSmall && tiles <= kSmallMaxTiles &&
+                     current_device_info(&info) == cudaSuccess && bytes <= info.small_max_bytes;
   const size_t table = n > kInlineLarge ? sizeof(TensorDesc) * static_cast<size_t>(n) : 0;
-  return {tiles, partials_bytes(tiles, reduce) + table};
+  return {tiles, small ? 0 : partials_bytes(tiles, reduce) + table};
 }
 
 cudaError_t norm_and_clip(const TensorDesc* descs, int n, const Plan& plan, NormKind kind, double p, bool clip,
                           double max_norm, bool float_acc, void* norm_out, DType norm_out_dtype, void* workspace,
                           cudaStream_t stream) {
-  double* partials = static_cast<double*>(workspace);
-  const Job job{n,        plan.num_tiles,           kind, p, clip, max_norm, float_acc, norm_out, norm_out_dtype,
-                partials, partials + plan.num_tiles};
+  // No workspace: a small set, whose partials live in the kernel's shared memory.
+  double* partials = plan.workspace_bytes == 0 ? nullptr : static_cast<double*>(workspace);
+  double* coef_slot = partials == nullptr ? nullptr : partials + plan.num_tiles;
+  const Job job{n, plan.num_tiles, kind, p, clip, max_norm, float_acc, norm_out, norm_out_dtype, partials, coef_slot};
   if (n <= kInlineSmall) return cleared(norm_and_clip_impl<kInlineSmall>(descs, job, nullptr, stream));
   if (n <= kInlineLarge) return cleared(norm_and_clip_impl<kInlineLarge>(descs, job, nullptr, stream));
   void* table = static_cast<char*>(workspace) + partials_bytes(plan.num_tiles, true);

@@ -39,7 +39,8 @@ struct Plan {
 
 // Numbers the tiles of descs[0..n) (sets first_tile) and sizes the workspace:
 // the tile partials when `reduce` (norm kernels), plus a device copy of the
-// descriptors when there are too many for the kernel parameter space.
+// descriptors when there are too many for the kernel parameter space. A small
+// set (norm_and_clip's one-block kernel, partials in shared memory) needs none.
 Plan plan(TensorDesc* descs, int n, bool reduce);
 
 // Global norm of the tensors, written to norm_out in norm_out_dtype. With

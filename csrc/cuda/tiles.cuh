@@ -1,11 +1,11 @@
 // Device and launch helpers shared by fastclip's CUDA kernels files
 // (clip_kernels.cu: the fused global-norm clip; norms_kernels.cu: per-tensor
-// norms, local clipping and AGC), moved here verbatim from clip_kernels.cu:
-// the tile geometry and 16-byte element access, block_reduce, the per-tile
-// partial and in-place scale, the descriptor arrays in the parameter space
-// and their upload, and the occupancy / cooperative-launch helpers. Anonymous
-// namespace: each kernels file gets its own copy (and its own caches), as
-// before. Only CUDA headers: builds with plain nvcc.
+// norms, local clipping and AGC): the tile geometry and 16-byte element
+// access, block_reduce, the per-tile partial and in-place scale, the
+// descriptor arrays in the parameter space and their upload, and the
+// occupancy / cooperative-launch helpers. Anonymous namespace: each kernels
+// file gets its own copy (and its own caches). Only CUDA headers: builds with
+// plain nvcc.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -223,12 +223,11 @@ __device__ double tile_fold(const Tile& t, double acc, const F& f) {
   return acc;
 }
 
-// Loads the tile's vectors into v (kept by the caller for phase 2) and returns
-// the tile's partial.
-template <typename T, NormKind K>
-__device__ double tile_partial(const Tile& t, double p, uint4 (&v)[kVecsPerThread]) {
-  using A = typename Elem<T>::acc;
-  constexpr int kPerVec = Elem<T>::kPerVec;
+// Issues the tile's 16-byte loads into v; its scalar head and tail are loaded where they are
+// used. Apart from the arithmetic so that a caller can have the next tile's loads in flight
+// while it reduces this one: a barrier does not wait for loads, only a use of their registers.
+template <typename T>
+__device__ __forceinline__ void load_vectors(const Tile& t, uint4 (&v)[kVecsPerThread]) {
   const Split s = split<T>(t);
   const uint4* vec = reinterpret_cast<const uint4*>(t.data + s.head * sizeof(T));
 #pragma unroll
@@ -236,6 +235,23 @@ __device__ double tile_partial(const Tile& t, double p, uint4 (&v)[kVecsPerThrea
     const int j = threadIdx.x + k * kThreads;
     if (j < s.nvec) v[k] = vec[j];
   }
+}
+
+__device__ __forceinline__ void load_vectors(const Tile& t, uint4 (&v)[kVecsPerThread]) {
+  switch (t.dtype) {
+    case DType::F32: return load_vectors<float>(t, v);
+    case DType::F64: return load_vectors<double>(t, v);
+    case DType::F16: return load_vectors<__half>(t, v);
+    default: return load_vectors<__nv_bfloat16>(t, v);
+  }
+}
+
+// The tile's partial, from its vectors in v (load_vectors) and its scalar elements.
+template <typename T, NormKind K>
+__device__ double partial_of(const Tile& t, double p, const uint4 (&v)[kVecsPerThread]) {
+  using A = typename Elem<T>::acc;
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const Split s = split<T>(t);
   const A pa = static_cast<A>(p);
   A acc = 0;
 #pragma unroll
@@ -251,22 +267,28 @@ __device__ double tile_partial(const Tile& t, double p, uint4 (&v)[kVecsPerThrea
 }
 
 template <typename T>
-__device__ double tile_partial(const Tile& t, NormKind kind, double p, uint4 (&v)[kVecsPerThread]) {
+__device__ double partial_of(const Tile& t, NormKind kind, double p, const uint4 (&v)[kVecsPerThread]) {
   switch (kind) {
-    case NormKind::L1: return tile_partial<T, NormKind::L1>(t, p, v);
-    case NormKind::L2: return tile_partial<T, NormKind::L2>(t, p, v);
-    case NormKind::Inf: return tile_partial<T, NormKind::Inf>(t, p, v);
-    default: return tile_partial<T, NormKind::P>(t, p, v);
+    case NormKind::L1: return partial_of<T, NormKind::L1>(t, p, v);
+    case NormKind::L2: return partial_of<T, NormKind::L2>(t, p, v);
+    case NormKind::Inf: return partial_of<T, NormKind::Inf>(t, p, v);
+    default: return partial_of<T, NormKind::P>(t, p, v);
   }
 }
 
-__device__ double tile_partial(const Tile& t, NormKind kind, double p, uint4 (&v)[kVecsPerThread]) {
+__device__ double partial_of(const Tile& t, NormKind kind, double p, const uint4 (&v)[kVecsPerThread]) {
   switch (t.dtype) {
-    case DType::F32: return tile_partial<float>(t, kind, p, v);
-    case DType::F64: return tile_partial<double>(t, kind, p, v);
-    case DType::F16: return tile_partial<__half>(t, kind, p, v);
-    default: return tile_partial<__nv_bfloat16>(t, kind, p, v);
+    case DType::F32: return partial_of<float>(t, kind, p, v);
+    case DType::F64: return partial_of<double>(t, kind, p, v);
+    case DType::F16: return partial_of<__half>(t, kind, p, v);
+    default: return partial_of<__nv_bfloat16>(t, kind, p, v);
   }
+}
+
+// Loads the tile's vectors into v (kept by the caller for phase 2) and returns its partial.
+__device__ double tile_partial(const Tile& t, NormKind kind, double p, uint4 (&v)[kVecsPerThread]) {
+  load_vectors(t, v);
+  return partial_of(t, kind, p, v);
 }
 
 // x * coef: in double for fp64, else in float as x * hi * lo (clip_math.h:
@@ -288,20 +310,13 @@ struct Scaler<double> {
   __device__ double operator()(double x) const { return x * c; }
 };
 
-// v holds the tile's vectors already when `cached` (loaded by phase 1).
+// Scales the tile in place: its vectors from v (load_vectors), its scalars loaded here.
 template <typename T>
-__device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
+__device__ void scale_loaded(const Tile& t, double coef, uint4 (&v)[kVecsPerThread]) {
   constexpr int kPerVec = Elem<T>::kPerVec;
   const Scaler<T> c(coef);
   const Split s = split<T>(t);
   uint4* vec = reinterpret_cast<uint4*>(t.data + s.head * sizeof(T));
-  if (!cached) {
-#pragma unroll
-    for (int k = 0; k < kVecsPerThread; ++k) {
-      const int j = threadIdx.x + k * kThreads;
-      if (j < s.nvec) v[k] = vec[j];
-    }
-  }
 #pragma unroll
   for (int k = 0; k < kVecsPerThread; ++k) {
     const int j = threadIdx.x + k * kThreads;
@@ -318,13 +333,19 @@ __device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[k
   }
 }
 
-__device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
+__device__ void scale_loaded(const Tile& t, double coef, uint4 (&v)[kVecsPerThread]) {
   switch (t.dtype) {
-    case DType::F32: return tile_scale<float>(t, coef, cached, v);
-    case DType::F64: return tile_scale<double>(t, coef, cached, v);
-    case DType::F16: return tile_scale<__half>(t, coef, cached, v);
-    default: return tile_scale<__nv_bfloat16>(t, coef, cached, v);
+    case DType::F32: return scale_loaded<float>(t, coef, v);
+    case DType::F64: return scale_loaded<double>(t, coef, v);
+    case DType::F16: return scale_loaded<__half>(t, coef, v);
+    default: return scale_loaded<__nv_bfloat16>(t, coef, v);
   }
+}
+
+// v holds the tile's vectors already when `cached` (loaded by phase 1).
+__device__ void tile_scale(const Tile& t, double coef, bool cached, uint4 (&v)[kVecsPerThread]) {
+  if (!cached) load_vectors(t, v);
+  scale_loaded(t, coef, v);
 }
 
 // A barrier over the whole grid. A single block is launched without the
@@ -345,20 +366,30 @@ __global__ void upload_kernel(const __grid_constant__ UploadArgs a) {
 
 size_t round16(size_t b) { return (b + 15) / 16 * 16; }
 
+// Sets of at most this many bytes (and kSmallMaxTiles tiles) take one ordinary block: no grid
+// barrier, no workspace (clip_kernels.cu: small_kernel).
+constexpr int64_t kSmallMaxBytes = int64_t{128} << 10;
+constexpr int kSmallMaxTiles = 16;
+
 struct DeviceInfo {
   int sms = 0;
   bool coop = false;
   int64_t max_grid = INT_MAX;
   int64_t force_grid = 0;
+  int64_t small_max_bytes = kSmallMaxBytes;
+  bool fail_launches = false;
 };
 
 // Knobs, read once per device. FASTCLIP_CUDA_NO_COOP=1 takes the three-launch
 // fallback (also the way to capture a graph under MPS, where a cooperative
 // launch may be refused only at replay). Test knobs: FASTCLIP_CUDA_MAX_GRID=N
-// caps the grid (the tests check that neither changes a single bit of the
-// result); FASTCLIP_CUDA_FORCE_GRID=N sets it past the occupancy cap, so a
-// cooperative launch is refused (TooLarge) and the fallback path, its
-// bookkeeping and the cleared last error can be tested on any GPU.
+// caps the grid and FASTCLIP_CUDA_SMALL_BYTES=N moves the one-block
+// threshold (0: never; the tests check that neither changes a single bit of
+// the result); FASTCLIP_CUDA_FORCE_GRID=N sets the grid past the occupancy
+// cap, so a cooperative launch is refused (TooLarge) and the fallback path,
+// its bookkeeping and the cleared last error can be tested on any GPU;
+// FASTCLIP_CUDA_FAIL_LAUNCHES=1 makes every launch fail as an out-of-resources
+// launch would, so the error's way to the user is tested on a GPU.
 inline void apply_knobs(DeviceInfo* info) {
   const char* no_coop = std::getenv("FASTCLIP_CUDA_NO_COOP");
   if (no_coop && no_coop[0] == '1') info->coop = false;
@@ -366,6 +397,10 @@ inline void apply_knobs(DeviceInfo* info) {
   if (max_grid && std::atoll(max_grid) > 0) info->max_grid = std::atoll(max_grid);
   const char* force_grid = std::getenv("FASTCLIP_CUDA_FORCE_GRID");
   if (force_grid && std::atoll(force_grid) > 0) info->force_grid = std::atoll(force_grid);
+  const char* small = std::getenv("FASTCLIP_CUDA_SMALL_BYTES");
+  if (small && small[0] != '\0') info->small_max_bytes = std::atoll(small);
+  const char* fail = std::getenv("FASTCLIP_CUDA_FAIL_LAUNCHES");
+  if (fail && fail[0] == '1') info->fail_launches = true;
 }
 
 // Attribute queries cost microseconds; a training step calls us every step.
@@ -422,6 +457,13 @@ void remember_coop_refused(const void* kernel) {
   kernel_info_cache[{dev, kernel}].coop_refused = true;
 }
 
+// The current device's info (knobs applied).
+cudaError_t current_device_info(DeviceInfo* info) {
+  int dev = 0;
+  const cudaError_t e = cudaGetDevice(&dev);
+  return e == cudaSuccess ? device_info(dev, info) : e;
+}
+
 // Grid for `kernel`: one block per tile, at most what can be co-resident.
 template <typename Kernel>
 cudaError_t grid_for(Kernel kernel, int64_t num_tiles, int* grid, bool* coop) {
@@ -430,6 +472,7 @@ cudaError_t grid_for(Kernel kernel, int64_t num_tiles, int* grid, bool* coop) {
   KernelInfo kinfo;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = device_info(dev, &info);
+  if (e == cudaSuccess && info.fail_launches) e = cudaErrorLaunchOutOfResources;
   if (e == cudaSuccess) e = kernel_info(reinterpret_cast<const void*>(kernel), dev, &kinfo);
   if (e != cudaSuccess) return e;
   const int64_t resident = info.force_grid > 0 ? info.force_grid : int64_t{kinfo.per_sm} * info.sms;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The dry run of bench/gpu_check.sh: does every command a stage would run resolve, here, without
+"""The dry run of gpu_check/run.sh: does every command a stage would run resolve, here, without
 a GPU and without running it? Minutes on a lent GPU are scarce; a typo must not cost one.
 
 For each planned command (gpu_check.sh --dry-run writes them, one per line: stage, step, then the
@@ -12,7 +12,7 @@ arguments, separated by the unit separator \\x1f) it checks, without importing t
     a dataclass field `flag:` as examples/common.py turns fields into flags);
   - pytest's path arguments, globs already expanded by the shell, and --ignore= paths exist.
 
-    python bench/gpu_dry_run.py PLAN_FILE --python PYTHON
+    python gpu_check/dry_run.py PLAN_FILE --python PYTHON
 Exit status 1 when any command does not resolve.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SEP = "\x1f"
 GPU_MACHINE_TOOLS = {"compute-sanitizer", "nvidia-smi", "ncu"}
-PYTEST_OPTS_WITH_VALUE = {"-p", "-k", "-m", "-o", "-c", "--junitxml", "--rootdir", "--basetemp"}
+PYTEST_OPTS_WITH_VALUE = {"-p", "-k", "-m", "-o", "-c", "-n", "--junitxml", "--rootdir", "--basetemp"}
 
 
 def _defines_flag(source: str, flag: str) -> bool:

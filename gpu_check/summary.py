@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Summaries of bench/gpu_check.sh runs: classify every step, summarise a stage, aggregate them.
+"""Summaries of gpu_check/run.sh runs: classify every step, summarise a stage, aggregate them.
 
 gpu_check.sh records each step in RESULTS/<stage>/<step>.step.tsv, one line of tab-separated
 fields (see FIELDS): the exit status of its command, or "not-run" with the reason it did not run
@@ -19,10 +19,10 @@ One file per step (not one per stage) so that results from several remote calls,
 machine, merge by extracting their archives into one folder: a step run again in a later call
 replaces its earlier row. Stage summaries and the aggregate are recomputed from the step files.
 
-    python bench/gpu_summary.py stage RESULTS/<stage>      -> RESULTS/<stage>/summary.json
-    python bench/gpu_summary.py aggregate RESULTS [--expect build,cuda-tests,...]
+    python gpu_check/summary.py stage RESULTS/<stage>      -> RESULTS/<stage>/summary.json
+    python gpu_check/summary.py aggregate RESULTS [--expect build,cuda-tests,...]
                                                            -> RESULTS/summary.{json,txt}, exit 1 on failures
-    python bench/gpu_summary.py statuses RESULTS/<stage>   "step status" lines (the dry run's self-check)
+    python gpu_check/summary.py statuses RESULTS/<stage>   "step status" lines (the dry run's self-check)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FIELDS = ("step", "result", "seconds", "limit", "cap", "started", "reason", "com
 NOT_RUN = "not-run"
 # The stages of gpu_check.sh, in the order it runs them; the aggregate lists them in this order
 # and, by default, reports every one of them that has no results as not run.
-STAGES = ("build", "cuda-tests", "sanitize", "bench", "trainers", "rest")
+STAGES = ("build", "tests", "sanitize", "bench", "profile", "trainers")
 NOT_RUN_MARK = "NOT RUN:"
 PYTEST_SKIP = re.compile(r"^SKIPPED \[(?P<n>\d+)\] (?P<where>\S+?): (?P<why>.*)$")
 
@@ -162,7 +162,7 @@ def aggregate(results: Path, expect=STAGES) -> dict:
                     "step": "(whole stage)",
                     "status": "not_run",
                     "exit": None,
-                    "why": f"no results: run `bench/gpu_check.sh {stage}`",
+                    "why": f"no results: run `gpu_check/run.sh {stage}`",
                     "seconds": 0.0,
                     "started": "",
                     "command": "",

@@ -1,39 +1,42 @@
 #!/usr/bin/env bash
-# fastclip's checks on a GPU machine (torch installed, no network), in stages that each fit one
-# remote call of the device tool (<= 9 minutes); bench/README.md gives the exact calls.
+# fastclip's whole check on a GPU machine (torch installed, no network), in ONE call of the device
+# tool: about 6 minutes on an H200, budget 450 s. gpu_check/README.md gives the exact call.
 #
-#   bench/gpu_check.sh [--dry-run] [--out DIR] [--export DIR] [--budget SECONDS] STAGE[:STEP,...]...
+#   gpu_check/run.sh [--dry-run] [--out DIR] [--export DIR] [--budget SECONDS] STAGE[:STEP,...]...
 #
-# Stages, run in the order given ("all": every one, in this order):
-#   build       build the extension with its CUDA kernels against this machine's torch
-#               (bench/gpu_build_cache.py: skipped when the build in the tree, or one carried in
-#               build/gpu-cache/, was made from the same sources and toolchain), then
-#               fastclip.backend() must be "cuda". Every call runs it first, named or not: each
-#               remote call starts from a fresh copy of the working tree.
-#   cuda-tests  tests/test_cuda*.py (a new GPU test file joins by its name)
-#   sanitize    compute-sanitizer on bench/sanitize_driver.py: memcheck of the fused kernel (with
-#               a > 4096-tile set), memcheck of the three-launch fallback, racecheck, synccheck
-#   bench       bench/bench_gpu.py and bench/bench_update.py --device cuda (JSON kept)
-#   trainers    examples/{dqn,a2c,reinforce}.py --device cuda, briefly (gymnasium: carried wheels)
-#   rest        the rest of the test suite
+# Stages, run in the order given ("all": every one, in this order, most important first):
+#   build     build the extension with its CUDA kernels against this machine's torch
+#             (gpu_check/build_cache.py: skipped when the build in the tree, or one carried in
+#             build/gpu-cache/, was made from the same sources and toolchain), then
+#             fastclip.backend() must be "cuda". Every call runs it first, named or not: each
+#             remote call starts from a fresh copy of the working tree.
+#   tests     the whole test suite, the CUDA tests and the CPU ones, with pytest-xdist (-n 8) when
+#             it is installed
+#   sanitize  compute-sanitizer on gpu_check/sanitize_driver.py: memcheck of the fused kernel (with
+#             a > 4096-tile set), memcheck of the three-launch fallback, racecheck, synccheck
+#   bench     bench/bench_gpu.py --quick and bench/bench_update.py --device cuda --quick (JSON kept);
+#             the full benchmark is a second, optional call (gpu_check/README.md)
+#   profile   gpu_check/profile_update.py: where the clip's time goes inside a real update, and
+#             the fused kernel of a GPT-2-sized set under Nsight Compute (ncu)
+#   trainers  examples/{dqn,a2c,reinforce}.py --device cuda, briefly (gymnasium: carried wheels)
 # STAGE:STEP,... runs only those steps of a stage (e.g. sanitize:racecheck,synccheck), to finish
 # in a later call what an earlier one had no time for.
 #
 # Results: OUT (default bench/results/<date>-<gpu>/) gets env-<time>.txt, and per stage
 # <stage>/<step>.log, <stage>/<step>.step.tsv (exit status, seconds, command) and
-# <stage>/summary.json, and over all stages summary.{txt,json} (bench/gpu_summary.py: only a
+# <stage>/summary.json, and over all stages summary.{txt,json} (gpu_check/summary.py: only a
 # non-zero exit status is a failure; what did not run is listed apart, with the reason).
 # --export DIR (the device tool's $OUT) copies there what must come back: one archive of OUT,
 # summary.{txt,json}, and a newly built extension archive to carry into the next call.
 #
-# Time: each step has a cap (2-3 times what it is expected to take). A step starts only if the
-# call's budget (--budget, default GPU_CHECK_BUDGET_S or 510 s) has at least half its cap left,
+# Time: each step has a cap (about twice what it takes on an H200). A step starts only if the
+# call's budget (--budget, default GPU_CHECK_BUDGET_S or 450 s) has at least half its cap left,
 # and its limit is cut to what is left. Steps that do not start are reported as not run, with
 # the STAGE:step to run in the next call.
 #
 # --dry-run (no GPU needed): runs the step machinery on synthetic steps (exit 0, exit 1, a time-out,
 # a budget skip, a declared NOT RUN) and checks the summary counts them right, then checks that
-# every command of the named stages resolves (bench/gpu_dry_run.py). Nothing else runs.
+# every command of the named stages resolves (gpu_check/dry_run.py). Nothing else runs.
 #
 # Exit status: 0 when no step failed (steps that did not run are not failures), 1 otherwise,
 # 2 on a usage error.
@@ -41,11 +44,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-510}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
 RESERVE=20  # seconds kept for the summary and the export
-ALL_STAGES=(build cuda-tests sanitize bench trainers rest)
+ALL_STAGES=(build tests sanitize bench profile trainers)
 DRY_RUN=0 OUT_DIR="" EXPORT=""
 export PYTHONUNBUFFERED=1  # a step killed at its limit keeps its log
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # fastclip, bench and gpu_check from this tree
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
 stages=()
@@ -76,7 +80,7 @@ for s in "${stages[@]}"; do [[ " ${ordered[*]} " == *" $s "* ]] || ordered+=("$s
 
 STAGE="" STAGE_DIR="" SKIP_REASON="" BUILD_FAILED=""
 
-# record NAME RESULT SECONDS LIMIT CAP STARTED REASON COMMAND: the step's line for gpu_summary.py.
+# record NAME RESULT SECONDS LIMIT CAP STARTED REASON COMMAND: the step's line for summary.py.
 record() {
   local IFS=$'\t' fields=("$@")
   fields=("${fields[@]//$'\t'/ }")
@@ -131,7 +135,7 @@ assert fastclip.backend() == 'cuda' and o.CUDA_BUILT, f'no CUDA kernels: backend
 stage_build() {
   local export_args=()
   [[ -n $EXPORT ]] && export_args=(--export "$EXPORT")
-  step build 300 "$PYTHON" bench/gpu_build_cache.py ensure "${export_args[@]}" || BUILD_FAILED=1
+  step build 300 "$PYTHON" gpu_check/build_cache.py ensure "${export_args[@]}" || BUILD_FAILED=1
   [[ -n $BUILD_FAILED ]] && SKIP_REASON="the build failed: see build/build.log in the results"
   step backend 60 "$PYTHON" -c "$BACKEND_CHECK" || BUILD_FAILED=1
 }
@@ -144,9 +148,12 @@ pytest_step() {
     --junitxml="$STAGE_DIR/$name.junit.xml" "$@"
 }
 
-stage_cuda_tests() {
-  local files=(tests/test_cuda*.py)
-  pytest_step test_cuda 300 "${files[@]}"
+# The whole suite in one pytest run: the CUDA tests, the property tests on CUDA tensors, and the
+# CPU tests on this machine's torch. xdist shares the GPU among its workers (a context each).
+stage_tests() {
+  local parallel=()
+  if ((DRY_RUN)) || "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+  pytest_step suite 300 "${parallel[@]}" tests
 }
 
 stage_sanitize() {
@@ -159,7 +166,7 @@ stage_sanitize() {
   # it is too large, fail by design: API errors are not reported. Memory, race and barrier errors
   # in fastclip's kernels (only those are instrumented) set the exit status to 1.
   local opts=(--error-exitcode 1 --report-api-errors no --kernel-name kns=fastclip --target-processes all)
-  local driver=("$PYTHON" bench/sanitize_driver.py)
+  local driver=("$PYTHON" gpu_check/sanitize_driver.py)
   # The grid cap keeps the cooperative launch small enough to fit even if instrumentation lowers
   # occupancy, so the fused kernel itself is what gets checked; without the caching allocator each
   # tensor is its own allocation, so memcheck sees an access past a tensor's end.
@@ -171,14 +178,24 @@ stage_sanitize() {
 }
 
 stage_bench() {
-  step bench_gpu 300 "$PYTHON" bench/bench_gpu.py --json "$STAGE_DIR/bench_gpu.json"
-  step bench_update_cuda 240 "$PYTHON" -m bench.bench_update --device cuda --no-progress \
+  step bench_gpu 120 "$PYTHON" -m bench.bench_gpu --quick --json "$STAGE_DIR/bench_gpu.json"
+  step bench_update_cuda 90 "$PYTHON" -m bench.bench_update --device cuda --quick --no-progress \
     --json "$STAGE_DIR/bench_update_cuda.json"
+}
+
+stage_profile() {
+  step update 90 "$PYTHON" gpu_check/profile_update.py --out "$STAGE_DIR"
+  # The fused kernel on a GPT-2-sized set under Nsight Compute: bandwidth, stalls, occupancy.
+  local ncu
+  ncu=$(command -v ncu || echo ncu)
+  step kernel 120 "$ncu" --clock-control none --kernel-name regex:fused_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    "$PYTHON" gpu_check/profile_update.py --kernel-only
 }
 
 stage_trainers() {
   if ((!DRY_RUN)) && ! "$PYTHON" -c "import gymnasium" 2>/dev/null; then
-    SKIP_REASON="gymnasium is not importable: carry its wheels (.whl, bench/README.md)"
+    SKIP_REASON="gymnasium is not importable: carry its wheels (.whl, gpu_check/README.md)"
   fi
   local algo
   for algo in dqn a2c reinforce; do
@@ -187,23 +204,17 @@ stage_trainers() {
   done
 }
 
-stage_rest() {
-  local f ignore=()
-  for f in tests/test_cuda*.py; do ignore+=("--ignore=$f"); done
-  pytest_step tests_rest 300 tests "${ignore[@]}"
-}
-
 run_stage() {
   STAGE=$1 STAGE_DIR=$RESULTS/$1 SKIP_REASON=""
   mkdir -p "$STAGE_DIR"
   [[ -n $BUILD_FAILED ]] && SKIP_REASON="the build stage failed in this call (see build/build.log, build/backend.log in the results)"
   "stage_${STAGE//-/_}"
-  ((DRY_RUN)) || "$PYTHON" bench/gpu_summary.py stage "$STAGE_DIR"
+  ((DRY_RUN)) || "$PYTHON" gpu_check/summary.py stage "$STAGE_DIR"
 }
 
 # ---- the dry run's check of the machinery ---------------------------------------------------
 
-# Synthetic steps through step() and gpu_summary.py: each must be classified as expected, and the
+# Synthetic steps through step() and summary.py: each must be classified as expected, and the
 # exit status of the aggregate must count only the failures.
 selfcheck() {
   local RESULTS=$1/selfcheck DRY_RUN=0 got want
@@ -217,18 +228,18 @@ selfcheck() {
     step declares 5 echo "NOT RUN: a part: declared in the log"
   } >/dev/null
   run_synthetic
-  got=$("$PYTHON" bench/gpu_summary.py statuses "$STAGE_DIR" | sort)
+  got=$("$PYTHON" gpu_check/summary.py statuses "$STAGE_DIR" | sort)
   want=$(printf '%s\n' "passes ok" "fails failed" "hangs failed" "over_budget not_run" "declares ok" \
          "declares: a part not_run" | sort)
   if [[ $got != "$want" ]]; then
     printf 'selfcheck: classification wrong\n--- got\n%s\n--- want\n%s\n' "$got" "$want"
     return 1
   fi
-  if "$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect synthetic >/dev/null; then
+  if "$PYTHON" gpu_check/summary.py aggregate "$RESULTS" --expect synthetic >/dev/null; then
     echo "selfcheck: the aggregate of 2 failures exited 0"; return 1
   fi
   rm "$STAGE_DIR"/{fails,hangs}.step.tsv                  # ok and not-run rows alone: exit 0
-  if ! "$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect synthetic,never-ran >/dev/null; then
+  if ! "$PYTHON" gpu_check/summary.py aggregate "$RESULTS" --expect synthetic,never-ran >/dev/null; then
     echo "selfcheck: steps that did not run were counted as failures"; return 1
   fi
   echo "selfcheck: ok (exit 0, exit 1, time-out, budget skip, declared NOT RUN classified right)"
@@ -241,7 +252,7 @@ if ((DRY_RUN)); then
   : >"$PLAN"
   selfcheck "$RESULTS" || exit 1
   for s in "${ordered[@]}"; do run_stage "$s"; done
-  "$PYTHON" bench/gpu_dry_run.py "$PLAN" --python "$PYTHON"
+  "$PYTHON" gpu_check/dry_run.py "$PLAN" --python "$PYTHON"
   exit
 fi
 
@@ -268,7 +279,7 @@ echo "== results in $RESULTS"
 for s in "${ordered[@]}"; do run_stage "$s"; done
 
 expect=$(IFS=,; echo "${ordered[*]}")
-"$PYTHON" bench/gpu_summary.py aggregate "$RESULTS" --expect "$expect"
+"$PYTHON" gpu_check/summary.py aggregate "$RESULTS" --expect "$expect"
 status=$?
 if [[ -n $EXPORT ]]; then
   mkdir -p "$EXPORT"

@@ -1,20 +1,21 @@
 #!/usr/bin/env python
-"""The build stage of bench/gpu_check.sh: build the extension with its CUDA kernels only when needed.
+"""The build stage of gpu_check/run.sh: build the extension with its CUDA kernels only when needed.
 
 A remote GPU call starts from a fresh copy of the working tree, where the extension is not built
 (fastclip/_C*.so is git-ignored, so it never travels). Building costs a minute or two of scarce
 device time, so the build is keyed by everything it depends on (the sources, setup.py, torch's and
-nvcc's versions, the Python version, the target architectures and the build switches) and:
+nvcc's versions, the C++ compiler (its path and version: a build made by one compiler is never
+reused under another), the Python version, the target architectures and the build switches) and:
 
   1. the extension already in the tree was built from this key (a warm machine)  -> nothing to do;
   2. build/gpu-cache/fastclip-cuda-<key>.tar.gz is there (carried from an earlier call)
                                                                                  -> unpacked;
   3. otherwise it is built (FASTCLIP_FORCE_CUDA=1 python setup.py build_ext --inplace) and packed
      into build/gpu-cache/, and, with --export DIR, copied to DIR so that it comes back and can be
-     carried into the next call (bench/README.md says how).
+     carried into the next call (gpu_check/README.md says how).
 
-    python bench/gpu_build_cache.py ensure [--export DIR]
-    python bench/gpu_build_cache.py key        print the key (no build)
+    python gpu_check/build_cache.py ensure [--export DIR]
+    python gpu_check/build_cache.py key        print the key (no build)
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CACHE = Path("build") / "gpu-cache"  # in the repository; build/ is git-ignored
 INSTALLED = "installed.key"  # in CACHE: the key of the extension now in fastclip/
 # Switches setup.py reads; a change of any of them changes what is built.
 BUILD_ENV = ("FASTCLIP_FORCE_CPU", "FASTCLIP_FORCE_CUDA", "FASTCLIP_CPU_ISA", "DEBUG", "TORCH_CUDA_ARCH_LIST")
+# The compilers torch's build uses: $CXX (else c++) for the C++ sources and the link, $CC as
+# nvcc's host compiler when set; LDFLAGS and friends reach the link.
+COMPILER_ENV = ("CXX", "CC", "CFLAGS", "CXXFLAGS", "LDFLAGS")
 
 
 def _tool_version(cmd: list[str]) -> str:
@@ -56,6 +60,16 @@ def build_env() -> dict:
     return env
 
 
+def compiler_identity(env: dict) -> str:
+    """Which C++ compiler a build would use, and its version: its resolved path and --version."""
+    parts = [f"{name}={env.get(name, '')}" for name in COMPILER_ENV]
+    for tool in (env.get("CXX") or "c++", env.get("CC") or "cc"):
+        found = shutil.which(tool, path=env.get("PATH"))
+        resolved = os.path.realpath(found) if found else "absent"
+        parts.append(f"{tool} -> {resolved}: {_tool_version([found, '--version']) if found else ''}")
+    return "\n".join(parts)
+
+
 def key(env: dict, repo: Path = REPO) -> str:
     """A hash of everything the built extension depends on."""
     h = hashlib.sha256()
@@ -68,6 +82,7 @@ def key(env: dict, repo: Path = REPO) -> str:
     h.update(torch_version.read_bytes() if torch_version and torch_version.is_file() else b"no torch")
     h.update(sys.version.encode())
     h.update(_tool_version(["nvcc", "--version"]).encode())
+    h.update(compiler_identity(env).encode())
     for name in BUILD_ENV:
         h.update(f"{name}={env.get(name, '')}\0".encode())
     return h.hexdigest()[:16]

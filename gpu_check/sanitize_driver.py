@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every CUDA kernel path of fastclip once, small: the program bench/gpu_check.sh runs under
+"""Every CUDA kernel path of fastclip once, small: the program gpu_check/run.sh runs under
 compute-sanitizer (memcheck, racecheck, synccheck).
 
 Paths, and the set that takes each (descriptor counts: <= 16 and <= 1000 travel in the kernel's
@@ -8,7 +8,8 @@ parameters, more in a device table filled by upload_kernel):
   mixed        7 tensors, fp32/fp64/fp16/bf16 in one launch, a zero-size grad, multi-tile tensors
   misaligned   views at odd element offsets: the scalar head before the 16-byte loads, scalar tails
   strided      a transposed (dense, permuted) and a non-dense view (copied, clipped, written back)
-  one_tile     one block, no grid barrier
+  one_tile     one tile: like misaligned, strided and overflow (sets under 128 KiB and 16
+               tensors), the one-block small kernel: no grid barrier, partials in shared memory
   inline_large 300 tensors (the 1000-descriptor parameter block)
   table        1100 tensors (the device table and its upload launches)
   overflow     finite fp32/bf16 values ~3e19 whose fp32 sum of squares overflows (the overflow
@@ -29,7 +30,7 @@ precision is the CUDA tests' job. Any other torch.ops.fastclip op is called with
 when its schema is simple (a Tensor[] then floats); otherwise the log says NOT RUN and why, and a
 recipe belongs in OP_RECIPES below. Exit status: 0 ok, 2 no CUDA kernels, 3 a result is wrong.
 
-    python bench/sanitize_driver.py [--big]
+    python gpu_check/sanitize_driver.py [--big]     (run.sh sets PYTHONPATH to the repository)
 """
 
 from __future__ import annotations
@@ -38,12 +39,8 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastclip from this checkout
-
-import torch  # noqa: E402
+import torch
 
 NORM_TYPES = (1.0, 2.0, math.inf, 3.0, 0.5)
 # Loose tolerances on clipped grads (relative to the largest): catch garbage, not rounding.
@@ -204,7 +201,7 @@ def exercise_other_ops(sets, check):
             if fn is None:
                 print(
                     f"NOT RUN: op fastclip::{name}: no recipe for its schema {schema}; "
-                    "add one to OP_RECIPES in bench/sanitize_driver.py"
+                    "add one to OP_RECIPES in gpu_check/sanitize_driver.py"
                 )
                 break
             fn()

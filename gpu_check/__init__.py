@@ -1,0 +1,1 @@
+"""fastclip's check on a GPU machine: run.sh and its helpers (README.md)."""
