@@ -268,6 +268,7 @@ RESULTS=$(cd "$RESULTS" && pwd)
   "$PYTHON" -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -n1)"
+  echo "c++: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>/dev/null | head -n1)"
   echo "compute-sanitizer: $(compute-sanitizer --version 2>/dev/null | tail -n1)"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git (a copy of the working tree)')"
   "$PYTHON" -c "import gymnasium; print('gymnasium', gymnasium.__version__)" 2>/dev/null || echo "gymnasium: absent"
