@@ -190,10 +190,16 @@ def host_us_per_call(fn, calls=HOST_STREAM_CALLS):
 
 
 def compiled(fn, mode):
-    """fn compiled by torch.compile, warmed up (compiled, and its graphs recorded) here."""
+    """fn compiled by torch.compile and warmed up (compiled, its graphs recorded), or the error
+    that stopped torch.compile. Dynamo's caches are reset first: each case compiles the same
+    code for other tensors, which would otherwise recompile it with dynamic shapes."""
+    torch._dynamo.reset()
     c = torch.compile(fn, mode=mode)
-    for _ in range(3):
-        c()
+    try:
+        for _ in range(3):
+            c()
+    except Exception as e:  # a peer that does not compile is reported, not fatal
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     torch.cuda.synchronize()
     return c
 
@@ -231,9 +237,15 @@ def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps, compile_peers)
     }
     graphs = {f"{k}-graph": capture(fn) for k, fn in eager.items()}
     calls = {**eager, **{k: g.replay for k, g in graphs.items()}}
+    failed = {}
     if compile_peers:
-        calls["compile"] = compiled(eager["torch"], "default")
-        calls["compile-ro"] = compiled(eager["torch"], "reduce-overhead")
+        for name, mode in (("compile", "default"), ("compile-ro", "reduce-overhead")):
+            c = compiled(eager["torch"], mode)
+            if isinstance(c, str):
+                failed[name] = c
+            else:
+                calls[name] = c
+        gs.restore()
     clips = [k for k in CLIPS if k in calls]
     calls["copy"] = lambda: dst.copy_(src)
     samples = time_case(calls, gs.restore, flush, reps_quick if quick else reps_full)
@@ -248,6 +260,7 @@ def run_case(fastclip, name, dtype_name, quick, flush, copy_gbps, compile_peers)
     gs.restore()
     row.update(
         times=times,
+        peers_that_failed=failed,
         host_us_per_call=host,
         speedup_vs_torch=med["torch"] / med["fastclip"],
         speedup_vs_torch_graph=med["torch-graph"] / med["fastclip"],

@@ -11,6 +11,11 @@ zero_grad(set_to_none=True) every update.
 2. The same clip timed with CUDA events as bench_update does (host gap + kernel).
 3. torch.profiler (CPU and CUDA activities) over 20 updates: the CPU-side calls inside the clip,
    by self time, and the kernels it ran. The trace is written to OUT/trace.json.
+4. Probes that are not the clip, timed the same way (right after backward, and hot): fixed pure
+   Python work, a 0-dim CUDA allocation, a one-element CUDA op. If they slow down after backward
+   as much as the clip does, the thread itself is slow there (a CPU that slept while backward or
+   the synchronize waited), not fastclip's path. And the public clip in updates synchronised only
+   every 10th time (the thread sleeps less).
 
     python gpu_check/profile_update.py --out DIR [--net dqn]
     python gpu_check/profile_update.py --kernel-only    the large set alone, for ncu (run.sh)
@@ -52,6 +57,19 @@ def update_parts(net):
     return params, forward_backward, opt.step, max_norm
 
 
+def python_work():
+    return sum(i * i for i in range(100))
+
+
+def probes():
+    x = torch.zeros(1, device="cuda")
+    return {
+        "probe: pure Python (100-term sum)": python_work,
+        "probe: torch.empty((), device=cuda)": lambda: torch.empty((), device="cuda"),
+        "probe: x.add_(1), one element": lambda: x.add_(1),
+    }
+
+
 def clip_layers(params, max_norm):
     grads = lambda: [p.grad for p in params]
     return {
@@ -64,10 +82,10 @@ def clip_layers(params, max_norm):
 
 def host_times(params, forward_backward, step, max_norm):
     """{layer: {"update": median host µs after backward, "hot": median host µs re-clipping}}."""
-    layers = clip_layers(params, max_norm)
+    layers = {**clip_layers(params, max_norm), **probes()}
     names = list(layers)
     in_update = {n: [] for n in names}
-    for i in range(UPDATES):
+    for i in range(UPDATES * 2):
         name = names[i % len(names)]
         forward_backward()
         t0 = time.perf_counter_ns()
@@ -75,7 +93,17 @@ def host_times(params, forward_backward, step, max_norm):
         in_update[name].append((time.perf_counter_ns() - t0) / 1e3)
         step()
         torch.cuda.synchronize()
-    hot = {}
+    rare_sync = []
+    for i in range(UPDATES):
+        forward_backward()
+        t0 = time.perf_counter_ns()
+        fastclip.clip_grad_norm_(params, max_norm)
+        rare_sync.append((time.perf_counter_ns() - t0) / 1e3)
+        step()
+        if i % 10 == 9:
+            torch.cuda.synchronize()
+    in_update["fastclip, synchronised every 10th update"] = rare_sync
+    hot = {"fastclip, synchronised every 10th update": float("nan")}
     forward_backward()
     for name in names:
         fn = layers[name]
@@ -89,7 +117,7 @@ def host_times(params, forward_backward, step, max_norm):
             samples.append((time.perf_counter_ns() - t0) / 1e3)
         torch.cuda.synchronize()
         hot[name] = statistics.median(samples)
-    return {n: {"update": statistics.median(in_update[n][5:]), "hot": hot[n]} for n in names}
+    return {n: {"update": statistics.median(in_update[n][5:]), "hot": hot[n]} for n in in_update}
 
 
 def event_times(params, forward_backward, step, max_norm):
@@ -190,7 +218,8 @@ def main(argv=None):
     }
     print(f"{args.net}: host µs per clip call (median)   in the update   hot loop   CUDA events in the update")
     for name, t in result["host_us"].items():
-        print(f"  {name:<28} {t['update']:>12.1f} {t['hot']:>10.1f} {result['event_us'][name]:>14.1f}")
+        events = result["event_us"].get(name, float("nan"))
+        print(f"  {name:<42} {t['update']:>12.1f} {t['hot']:>10.1f} {events:>14.1f}")
     prof = result["profile"]
     print(f"profiler: clip range {prof['clip_cpu_us_median']:.1f} µs on the CPU; inside it, self µs per call:")
     for name, us in list(prof["inside_clip_self_us_per_call"].items())[:14]:

@@ -11,7 +11,7 @@
 #             fastclip.backend() must be "cuda". Every call runs it first, named or not: each
 #             remote call starts from a fresh copy of the working tree.
 #   tests     the whole test suite, the CUDA tests and the CPU ones, with pytest-xdist (-n 8) when
-#             it is installed
+#             it is installed (GPU_CHECK_TESTS="tests/test_x.py ..." runs those files instead)
 #   sanitize  compute-sanitizer on gpu_check/sanitize_driver.py: memcheck of the fused kernel (with
 #             a > 4096-tile set), memcheck of the three-launch fallback, racecheck, synccheck
 #   bench     bench/bench_gpu.py --quick and bench/bench_update.py --device cuda --quick (JSON kept);
@@ -153,7 +153,9 @@ pytest_step() {
 stage_tests() {
   local parallel=()
   if ((DRY_RUN)) || "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-  pytest_step suite 300 "${parallel[@]}" tests
+  local paths
+  read -ra paths <<<"${GPU_CHECK_TESTS:-tests}"
+  pytest_step suite 300 "${parallel[@]}" "${paths[@]}"
 }
 
 stage_sanitize() {

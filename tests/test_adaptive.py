@@ -57,8 +57,9 @@ def set_grads(params, step, norm, seed=0):
 
 
 def copy_grads(src, dst, dtype=None):
+    """dst's grads become copies of src's, on dst's device (in `dtype` if given)."""
     for s, d in zip(src, dst):
-        d.grad = s.grad.clone() if dtype is None else s.grad.to(dtype, copy=True)
+        d.grad = s.grad.to(d.device, dtype or s.grad.dtype, copy=True)
 
 
 def run_against_reference(make_fast, make_ref, dtype, seq, seed=0, device="cpu"):
