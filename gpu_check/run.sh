@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fastclip's whole check on a GPU machine (torch installed, no network), in ONE call of the device
-# tool: about 6 minutes on an H200, budget 450 s. gpu_check/README.md gives the exact call.
+# tool: about 6.5 minutes on an H200, budget 420 s. gpu_check/README.md gives the exact call.
 #
 #   gpu_check/run.sh [--dry-run] [--out DIR] [--export DIR] [--budget SECONDS] STAGE[:STEP,...]...
 #
@@ -10,7 +10,7 @@
 #             build/gpu-cache/, was made from the same sources and toolchain), then
 #             fastclip.backend() must be "cuda". Every call runs it first, named or not: each
 #             remote call starts from a fresh copy of the working tree.
-#   tests     the whole test suite, the CUDA tests and the CPU ones, with pytest-xdist (-n 8) when
+#   tests     the whole test suite, the CUDA tests and the CPU ones, with pytest-xdist (-n 12) when
 #             it is installed (GPU_CHECK_TESTS="tests/test_x.py ..." runs those files instead)
 #   sanitize  compute-sanitizer on gpu_check/sanitize_driver.py: memcheck of the fused kernel (with
 #             a > 4096-tile set), memcheck of the three-launch fallback, racecheck, synccheck
@@ -30,7 +30,7 @@
 # summary.{txt,json}, and a newly built extension archive to carry into the next call.
 #
 # Time: each step has a cap (about twice what it takes on an H200). A step starts only if the
-# call's budget (--budget, default GPU_CHECK_BUDGET_S or 450 s) has at least half its cap left,
+# call's budget (--budget, default GPU_CHECK_BUDGET_S or 420 s) has at least half its cap left,
 # and its limit is cut to what is left. Steps that do not start are reported as not run, with
 # the STAGE:step to run in the next call.
 #
@@ -44,7 +44,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
 RESERVE=20  # seconds kept for the summary and the export
 ALL_STAGES=(build tests sanitize bench profile trainers)
 DRY_RUN=0 OUT_DIR="" EXPORT=""
@@ -152,7 +152,7 @@ pytest_step() {
 # CPU tests on this machine's torch. xdist shares the GPU among its workers (a context each).
 stage_tests() {
   local parallel=()
-  if ((DRY_RUN)) || "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+  if ((DRY_RUN)) || "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 12); fi
   local paths
   read -ra paths <<<"${GPU_CHECK_TESTS:-tests}"
   pytest_step suite 300 "${parallel[@]}" "${paths[@]}"
@@ -201,7 +201,7 @@ stage_trainers() {
   fi
   local algo
   for algo in dqn a2c reinforce; do
-    step "$algo" 120 "$PYTHON" "examples/$algo.py" --device cuda --total-timesteps 3000 --eval-episodes 2 \
+    step "$algo" 60 "$PYTHON" "examples/$algo.py" --device cuda --total-timesteps 3000 --eval-episodes 2 \
       --no-progress --run-name "gpu-check-$algo" --summary-json "$STAGE_DIR/$algo-cuda.json"
   done
 }
