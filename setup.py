@@ -117,7 +117,7 @@ def _extension(torch):
     # -g0: Python's own CFLAGS add -g, and debug info for torch's headers costs
     # about a third of the compile time; DEBUG=1 builds keep it.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    sources = ["csrc/ops.cpp", "csrc/py_module.cpp"] + _sources("cpu", "*.cpp")
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/py_module.cpp"] + _sources("cpu", "*.cpp")
     # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one
     # thread. Linking with -fopenmp resolves to the libgomp torch already loads.
     cxx = opt + ["-Wall", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_isa_flags(torch)

@@ -39,7 +39,7 @@ inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std:
   for (const py::handle item : seq) {
     if (!THPVariable_Check(item.ptr())) return false;
     const at::Tensor& p = THPVariable_Unpack(item.ptr());
-    const at::Tensor& g = p.grad();
+    const at::Tensor& g = p.mutable_grad();  // grad() would also ask whether p is a leaf, to warn
     if (!g.defined()) continue;
     if (!plain(g) || (grads.empty() ? !has_kernels(g.device()) : g.device() != grads[0].device())) return false;
     if (params != nullptr) {

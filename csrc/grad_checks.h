@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -86,7 +87,7 @@ inline std::vector<bool> repeated_grads(at::TensorList grads, const char* op) {
     const auto p = reinterpret_cast<uint64_t>(g.storage().unsafeGetStorageImpl());
     return static_cast<size_t>((p * 0x9E3779B97F4A7C15ull) >> shift);
   };
-  std::vector<uint8_t> seen(size_t{1} << (64 - shift), 0);  // 0, 1, or 2 = more than once
+  c10::SmallVector<uint8_t, 1024> seen(size_t{1} << (64 - shift), 0);  // 0, 1, or 2 = more than once
   bool collided = false;
   for (const at::Tensor& g : grads) {
     if (g.numel() == 0) continue;

@@ -126,6 +126,11 @@ def _agc_param_shape(d):
     return lambda: ops.adaptive_clip_grad_(ps, gs, 0.01, 1e-3, 2.0), gs
 
 
+def _requires_grad(d):
+    gs = [g.requires_grad_() for g in grads_on(d)]  # in grad mode, as an op called outside torch.no_grad()
+    return lambda: ops.clip_grad_norm_(gs, 1.0, 2.0), [g.detach() for g in gs]
+
+
 CASES = [
     ("int grad", "grads must be float32, float64, float16 or bfloat16", r"bfloat16, got Long", _int_grad, "both"),
     (
@@ -143,6 +148,13 @@ CASES = [
         "norm_dtype must be float32, float64, float16 or bfloat16",
         r"bfloat16, got Int",
         _norm_dtype,
+        "both",
+    ),
+    (
+        "requires grad",
+        "clipping is not differentiable",
+        r"clip_grad_norm_: a grad that requires grad",
+        _requires_grad,
         "both",
     ),
     ("overlap", "share part of their memory", r"grads 0 and 1 share part of their memory", _overlap, "both"),
