@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
+#include <utility>
 
 namespace fastclip {
 namespace {
@@ -35,54 +37,48 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// op(args...) below autograd, for an op that scales `grads` (among its args) in place.
+template <typename Return, typename... Params, typename... Args>
+Return run_in_place(const c10::TypedOperatorHandle<Return(Params...)>& op, c10::DispatchKeySet ks, at::TensorList grads,
+                    const char* name, Args&&... args) {
+  check_not_differentiable(grads, name);
+  at::AutoDispatchBelowADInplaceOrView below;
+  const c10::DispatchKeySet below_keys = ks & c10::after_ADInplaceOrView_keyset;
+  if constexpr (std::is_void_v<Return>) {
+    op.redispatch(below_keys, std::forward<Args>(args)...);
+    bump_versions(grads);
+  } else {
+    Return out = op.redispatch(below_keys, std::forward<Args>(args)...);
+    bump_versions(grads);
+    return out;
+  }
+}
+
 at::Tensor clip_grad_norm_autograd(c10::DispatchKeySet ks, at::TensorList grads, double max_norm, double norm_type,
                                    std::optional<at::ScalarType> norm_dtype) {
-  using Sig = at::Tensor(at::TensorList, double, double, std::optional<at::ScalarType>);
-  static const auto op = op_handle<Sig>("fastclip::clip_grad_norm_");
-  check_not_differentiable(grads, "clip_grad_norm_");
-  at::Tensor norm;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    norm = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grads, max_norm, norm_type, norm_dtype);
-  }
-  bump_versions(grads);
-  return norm;
+  static const auto op =
+      op_handle<at::Tensor(at::TensorList, double, double, std::optional<at::ScalarType>)>("fastclip::clip_grad_norm_");
+  return run_in_place(op, ks, grads, "clip_grad_norm_", grads, max_norm, norm_type, norm_dtype);
 }
 
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList grads, const at::Tensor& coef) {
   static const auto op = op_handle<void(at::TensorList, const at::Tensor&)>("fastclip::scale_");
-  check_not_differentiable(grads, "scale_");
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grads, coef);
-  }
-  bump_versions(grads);
+  run_in_place(op, ks, grads, "scale_", grads, coef);
 }
 
 at::Tensor per_layer_autograd(c10::DispatchKeySet ks, at::TensorList grads, at::IntArrayRef groups, double max_norm,
                               double norm_type) {
   static const auto op =
       op_handle<at::Tensor(at::TensorList, at::IntArrayRef, double, double)>("fastclip::clip_grad_norm_per_layer_");
-  check_not_differentiable(grads, "clip_grad_norm_per_layer_");
-  at::Tensor norms;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    norms = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grads, groups, max_norm, norm_type);
-  }
-  bump_versions(grads);
-  return norms;
+  return run_in_place(op, ks, grads, "clip_grad_norm_per_layer_", grads, groups, max_norm, norm_type);
 }
 
+// params are only read: they may require grad.
 void agc_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads, double clip_factor, double eps,
                   double norm_type) {
   static const auto op =
       op_handle<void(at::TensorList, at::TensorList, double, double, double)>("fastclip::adaptive_clip_grad_");
-  check_not_differentiable(grads, "adaptive_clip_grad_");  // params are read only: they may require grad
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, clip_factor, eps, norm_type);
-  }
-  bump_versions(grads);
+  run_in_place(op, ks, grads, "adaptive_clip_grad_", params, grads, clip_factor, eps, norm_type);
 }
 
 }  // namespace

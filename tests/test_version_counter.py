@@ -37,7 +37,7 @@ def test_a_clip_bumps_every_grads_version(device, clip):
     assert [p.grad._version for p in params] == [v + 1 for v in before]
 
 
-@pytest.mark.filterwarnings("ignore:Using backward\(\) with create_graph=True")
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 def test_a_modified_saved_grad_is_caught_by_autograd():
     """What the counter is for: a grad saved for a second backward (create_graph) and then
     clipped in place makes that backward fail, as it does after torch's clip."""
