@@ -18,15 +18,13 @@ than rounding. Each rank trains on its own batches (data parallel).
 import argparse
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fastclip  # noqa: E402  (this checkout's, as in the other examples)
+import fastclip
 
 
 def parse_args(argv=None):
