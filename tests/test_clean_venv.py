@@ -105,6 +105,7 @@ def run(args, **kwargs):
     return subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel is tagged for linux_x86_64")
 def test_fastclip_works_in_a_venv_that_holds_only_torch(tmp_path):
     if fastclip.backend() == "python":
