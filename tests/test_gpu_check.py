@@ -167,13 +167,13 @@ def copy_tree(dst):
 def test_negative_control_dry_run_catches_unresolved_commands(tmp_path):
     tree = copy_tree(tmp_path / "repo")
     (tree / "bench" / "bench_gpu.py").unlink()
-    a2c = tree / "examples" / "a2c.py"
-    a2c.write_text(a2c.read_text().replace("eval_episodes:", "n_eval_episodes:"))
+    common = tree / "examples" / "common.py"  # the trainers' shared Args
+    common.write_text(common.read_text().replace("eval_episodes:", "n_eval_episodes:"))
     r = run_script("--dry-run", "bench", "trainers", cwd=tree, script=tree / "bench" / "gpu_check.sh")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "script bench/bench_gpu.py does not exist" in r.stdout
     assert "examples/a2c.py defines no --eval-episodes" in r.stdout
-    assert "dry run: 2 of 7 planned commands do not resolve" in r.stdout
+    assert "dry run: 4 of 7 planned commands do not resolve" in r.stdout  # bench_gpu and the 3 trainers
 
 
 @pytest.mark.parametrize(
