@@ -321,8 +321,9 @@ class GradMonitor:
         ax.set_xlabel("step")
         ax.set_ylabel(f"gradient norm (p={self.norm_type:g})")
         first = self.explosions[0] if self.explosions else None
+        flagged = len({e.step for e in self.explosions})
         ax.set_title(
-            f"per-layer gradient norms; {len(self.explosions)} explosion(s)"
+            f"per-layer gradient norms; {flagged} of {len(steps)} steps flagged ({len(self.explosions)} layer events)"
             + (f", first: {first.layer} at step {first.step}" if first else "")
         )
         if labelled or self.explosions:
