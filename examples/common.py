@@ -49,9 +49,9 @@ class Args:
     clip: Literal["fastclip", "torch", "none"] = "fastclip"
     """who clips the gradients: fastclip, torch.nn.utils.clip_grad_norm_, or nobody (the norm is still logged)"""
     clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
-    """what fastclip clips: the global norm to max-grad-norm; each parameter to max-grad-norm (per-layer); each
+    """what is clipped: the global norm to max-grad-norm; each parameter to max-grad-norm (per-layer); each
     unit to agc-clip-factor of its weight norm (agc); or the global norm to an adaptive threshold (fastclip.AutoClip,
-    fastclip.ZClip). Modes other than global need --clip fastclip"""
+    fastclip.ZClip: autoclip and zclip need --clip fastclip)"""
     max_grad_norm: float = 0.5
     """max L2 norm of the gradients (global, or per parameter with --clip-mode per-layer)"""
     agc_clip_factor: float = 0.01
@@ -109,8 +109,10 @@ def _problems(args) -> list[tuple[str, str]]:
     for name in ("total_timesteps", "log_every", "hidden", "eval_episodes"):
         if getattr(args, name) < 1:
             out.append((name, f"must be >= 1, got {getattr(args, name)}"))
-    if args.clip_mode != "global" and args.clip != "fastclip":
-        out.append(("clip_mode", f"{args.clip_mode} needs --clip fastclip (torch's clip_grad_norm_ is global only)"))
+    if args.clip_mode in ("autoclip", "zclip") and args.clip != "fastclip":
+        out.append(("clip_mode", f"{args.clip_mode} needs --clip fastclip (torch has no adaptive threshold)"))
+    elif args.clip_mode != "global" and args.clip == "none":
+        out.append(("clip_mode", f"{args.clip_mode} clips, so it needs --clip fastclip or --clip torch"))
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -163,22 +165,21 @@ def clip_function(args) -> Callable:
     """What the trainers call after backward(): ``clip_grad_norm_(params, max_norm)``, which clips
     in place (or not, with --clip none) and returns the pre-clip *global* norm as a 0-dim device
     tensor, so every choice logs the same quantity. fastclip.clip_grad_norm_ by default."""
+    fused = args.clip == "fastclip"
     if args.clip == "none":
         return lambda params, max_norm: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if args.clip == "torch":
-        return torch.nn.utils.clip_grad_norm_
     if args.clip_mode == "global":
-        return fastclip.clip_grad_norm_
+        return fastclip.clip_grad_norm_ if fused else torch.nn.utils.clip_grad_norm_
     if args.clip_mode == "per-layer":
-        return lambda params, max_norm: torch.linalg.vector_norm(
-            fastclip.clip_grad_norm_per_layer_(list(params), max_norm)
-        )
+        per_layer = fastclip.clip_grad_norm_per_layer_ if fused else torch_per_layer_clip_
+        return lambda params, max_norm: torch.linalg.vector_norm(per_layer(list(params), max_norm))
     if args.clip_mode == "agc":
+        agc_ = fastclip.adaptive_clip_grad_ if fused else torch_adaptive_clip_grad_
 
         def agc(params, max_norm):
             params = list(params)
-            norm = fastclip.get_total_norm([p.grad for p in params if p.grad is not None])  # before AGC changes it
-            fastclip.adaptive_clip_grad_(params, args.agc_clip_factor)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # before AGC
+            agc_(params, args.agc_clip_factor)
             return norm
 
         return agc
@@ -186,6 +187,23 @@ def clip_function(args) -> Callable:
     adaptive = lambda params, max_norm: clipper(params)  # its threshold, not max_norm
     adaptive.threshold = lambda: clipper.threshold  # for the logs: the threshold of the last call
     return adaptive
+
+
+# --clip torch with --clip-mode per-layer or agc: the plain-torch way of the same clip.
+def torch_per_layer_clip_(params, max_norm: float) -> torch.Tensor:
+    """Each parameter's grad clipped by its own norm; returns the pre-clip norms, stacked."""
+    return torch.stack([torch.nn.utils.clip_grad_norm_([p], max_norm) for p in params])
+
+
+def torch_adaptive_clip_grad_(params, clip_factor: float, eps: float = 1e-3) -> None:
+    """AGC as timm's adaptive_clip_grad writes it: unit norms of weight and grad, masked rescale."""
+    for p in params:
+        g = p.grad
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=g.dim() > 1)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=g.dim() > 1)
+        max_norm = w_norm.clamp(min=eps).mul_(clip_factor)
+        g.detach().copy_(torch.where(g_norm < max_norm, g, g * (max_norm / g_norm.clamp(min=1e-6))))
 
 
 # ---- logging ----------------------------------------------------------------------------------
@@ -325,6 +343,7 @@ def finish_run(algo, args, logger, act, wall_s, global_step, diverged_at, device
         "total_timesteps": int(global_step),
         "wall_s": round(wall_s, 3),  # the training loop only
         "updates": logger.updates,
+        "clip_calls": 0 if args.clip == "none" else logger.updates,  # one per update
         # the share of updates whose global norm was clipped (-1: per-layer and agc decide per tensor or unit)
         "clip_fraction": -1.0 if -1 in logger.clipped else float(np.mean(logger.clipped)) if logger.clipped else 0.0,
         "grad_norm_p50": float(np.percentile(finite, 50)) if finite.size else None,

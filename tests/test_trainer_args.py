@@ -11,7 +11,7 @@ BAD = [
     (["--max-grad-norm", "-1"], "argument --max-grad-norm: must be a number >= 0, got -1.0"),
     (["--max-grad-norm", "nan"], "argument --max-grad-norm: must be a number >= 0"),
     (["--clip", "torch", "--clip-mode", "autoclip"], "argument --clip-mode: autoclip needs --clip fastclip"),
-    (["--clip", "none", "--clip-mode", "agc"], "argument --clip-mode: agc needs --clip fastclip"),
+    (["--clip", "none", "--clip-mode", "agc"], "argument --clip-mode: agc clips, so it needs --clip fastclip or"),
     (["--total-timesteps", "0"], "argument --total-timesteps: must be >= 1"),
     (["--device", "gpu0"], "argument --device:"),
 ]
