@@ -27,8 +27,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["none", "torch", "fastclip", "fastclip per-layer", "fastclip agc", "autoclip", "zclip"]
-COLORS = dict(zip(ORDER, ["tab:red", "tab:blue", "tab:green", "tab:brown", "tab:cyan", "tab:purple", "tab:orange"]))
+ORDER = [
+    "none",
+    "torch",
+    "fastclip",
+    "torch per-layer",
+    "fastclip per-layer",
+    "torch agc",
+    "fastclip agc",
+    "autoclip",
+    "zclip",
+]
+COLORS = dict(
+    zip(
+        ORDER,
+        [
+            "tab:red",
+            "tab:blue",
+            "tab:green",
+            "tab:pink",
+            "tab:brown",
+            "tab:olive",
+            "tab:cyan",
+            "tab:purple",
+            "tab:orange",
+        ],
+    )
+)
 
 # Trainer arguments that differ between the runs of one experiment without changing it: the
 # seed (the curves average over it) and where or how a run is written, shown or executed.
