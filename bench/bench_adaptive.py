@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""AutoClip / ZClip: fastclip's device-resident clippers against the papers' reference
-implementations (tests/adaptive_reference.py: norm read back with .item(), state in
+"""AutoClip / ZClip: fastclip's device-resident clippers against the papers' algorithms
+as their public code runs them (bench/baselines.py: norm read back with .item(), state in
 Python, torch's clip_grad_norm_ or a per-grad mul_), same process, interleaved.
 
 CPU (default): one clip call per variant per round, round-robin with the order rotating,
@@ -28,18 +28,12 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if not __package__:
-    sys.path.insert(0, str(_REPO))
-sys.path.insert(0, str(_REPO / "tests"))  # the references live with the tests
+import torch
 
-import torch  # noqa: E402
-from adaptive_reference import ReferenceAutoClip, ReferenceZClip  # noqa: E402
-
-from bench.bench_cpu import CASES, DTYPES, GradSet  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench.baselines import ItemAutoClip, ItemZClip
+from bench.bench_cpu import CASES, DTYPES, GradSet
+from bench.common import (
     NOISY_CORES,
     OtherLoad,
     command_line,
@@ -58,9 +52,9 @@ def variants(fastclip, history):
     """name -> (make the clipper, call it on params)."""
     return {
         "autoclip": (lambda: fastclip.AutoClip(history=history), lambda c, ps: c(ps)),
-        "autoclip_ref": (lambda: ReferenceAutoClip(history=history), lambda c, ps: c.step(ps)),
+        "autoclip_ref": (lambda: ItemAutoClip(history=history), lambda c, ps: c(ps)),
         "zclip": (lambda: fastclip.ZClip(), lambda c, ps: c(ps)),
-        "zclip_ref": (lambda: ReferenceZClip(), lambda c, ps: c.step(ps)),
+        "zclip_ref": (lambda: ItemZClip(), lambda c, ps: c(ps)),
     }
 
 
@@ -163,7 +157,7 @@ def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
         "autoclip": lambda: fastclip.AutoClip(history=history, nonfinite="skip"),
         "zclip": lambda: fastclip.ZClip(nonfinite="skip"),
     }[kind]
-    make_ref = {"autoclip": lambda: ReferenceAutoClip(history=history), "zclip": lambda: ReferenceZClip()}[kind]
+    make_ref = {"autoclip": lambda: ItemAutoClip(history=history), "zclip": lambda: ItemZClip()}[kind]
 
     def setup(clipper, call, capturable=False):
         model = _mlp_model().cuda()
@@ -181,7 +175,7 @@ def bench_cuda_train_step(fastclip, kind, history, steps, repeats):
         return step
 
     fast_step = setup(make_fast(), lambda c, ps: c(ps))
-    ref_step = setup(make_ref(), lambda c, ps: c.step(ps))
+    ref_step = setup(make_ref(), lambda c, ps: c(ps))
     graph_clipper = make_fast()
     graphed = setup(graph_clipper, lambda c, ps: c(ps), capturable=True)
     side = torch.cuda.Stream()

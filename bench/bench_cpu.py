@@ -27,7 +27,7 @@ case itself; a case that fails is reported as MISMATCH, is not timed, and the ex
 
     python -m bench.bench_cpu --quick
     python -m bench.bench_cpu                     # writes bench/results/cpu-<date>.json
-    python bench/bench_cpu.py --threads 1 --cases mlp,cnn --dtypes fp32
+    python -m bench.bench_cpu --threads 1 --cases mlp,cnn --dtypes fp32
 """
 
 from __future__ import annotations
@@ -38,17 +38,10 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if not __package__:
-    # Run as `python bench/bench_cpu.py`: import fastclip (and `bench`) from this checkout, exactly
-    # as `python -m bench.bench_cpu` run from the repository root does.
-    sys.path.insert(0, str(_REPO))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     NOISY_CORES,
     OtherLoad,
     big_shapes,

@@ -37,14 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if not __package__:
-    sys.path.insert(0, str(_REPO))
+import torch
 
-import torch  # noqa: E402
-
-from bench.bench_cpu import CASES, DTYPES  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench.bench_cpu import CASES, DTYPES
+from bench.common import (
     NOISY_CORES,
     OtherLoad,
     command_line,
@@ -294,7 +290,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_distributed", description="fastclip vs torch clip under FSDP2 (gloo, CPU)."
     )
-    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--world-size", type=int, default=2, help="ranks (processes), one CPU thread each (default: 2)")
     ap.add_argument("--quick", action="store_true", help="few repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 60, 10 with --quick)")
     ap.add_argument("--warm", type=int, default=5, help="untimed warm-up rounds per case")
@@ -331,7 +327,7 @@ def main(argv=None):
                     str(r),
                     os.path.join(tmp, "store"),
                 ],
-                cwd=_REPO,
+                cwd=Path(__file__).resolve().parent.parent,  # where `-m bench...` resolves
                 env=env,
             )
             for r in range(args.world_size)

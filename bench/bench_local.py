@@ -10,8 +10,7 @@ of the repeats after a warm-up:
   agc         fastclip.adaptive_clip_grad_(params, 0.01)
               against the timm-style loop (unit norms of weight and grad, masked rescale)
 
-The torch loops are the trainers' `--clip torch` baselines (examples/common.py), so the
-benchmark times exactly what `--clip-mode per-layer|agc` compares. Every call really clips:
+The torch loops are in bench/baselines.py. Every call really clips:
 max_norm is 1e-3 of the smallest per-tensor norm, and the grads are 10x their weights (AGC's
 clip_factor is 0.01), so every tensor / every unit is scaled. The grads are restored from a saved
 copy before each timed call, outside the timed region.
@@ -31,17 +30,12 @@ import json
 import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if not __package__:
-    sys.path.insert(0, str(_REPO))
-sys.path.insert(0, str(_REPO / "examples"))  # the trainers' torch baselines
+import torch
 
-import torch  # noqa: E402
-from common import torch_adaptive_clip_grad_, torch_per_layer_clip_  # noqa: E402  (examples/common.py)
-
-from bench.bench_cpu import CASES as CPU_CASES  # noqa: E402
-from bench.bench_cpu import DTYPES, _numel  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench.baselines import torch_adaptive_clip_grad_, torch_per_layer_clip_
+from bench.bench_cpu import CASES as CPU_CASES
+from bench.bench_cpu import DTYPES, _numel
+from bench.common import (
     NOISY_CORES,
     OtherLoad,
     command_line,
@@ -54,7 +48,7 @@ from bench.common import (  # noqa: E402
     warn_backend,
 )
 
-# name -> target speed-up over the torch loop (issue 12), per function
+# name -> the speed-up over the torch loop the project aims at, per function
 CASES = {"mlp": 10.0, "cnn": 1.5, "gpt2": 1.5, "tiny": None}
 FUNCTIONS = ("per-layer", "agc")
 CLIP_FACTOR = 0.01

@@ -40,18 +40,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if not __package__:
-    sys.path.insert(0, str(_REPO))  # `python bench/bench_update.py` behaves like `python -m ...`
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Categorical
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.distributions import Categorical  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     NOISY_CORES,
     OtherLoad,
     backend_of,

@@ -1,7 +1,8 @@
 """A2C (synchronous advantage actor-critic) with n-step returns and entropy regularisation on
 vectorised Gymnasium envs, with the gradient norm clipped by fastclip on every update.
 
-CleanRL-style single file: settings in ``Args``, the training loop inline in ``main``.
+CleanRL-style single file: settings in ``Args`` (the ones all three trainers share in
+common.Args), the training loop inline in ``main``, the clip call in plain view in the update.
 
     python examples/a2c.py --env-id CartPole-v1 --total-timesteps 300000 --clip fastclip
 
@@ -16,12 +17,11 @@ Correctness notes (Gymnasium 1.x):
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
 
+import common
 import gymnasium as gym
 import numpy as np
 import torch
@@ -29,52 +29,17 @@ import torch.nn as nn
 from torch.distributions import Categorical
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
+import fastclip
 
 
 @dataclass
-class Args:
+class Args(common.Args):
     """A2C with n-step returns, entropy bonus and a clipped global gradient norm."""
 
-    env_id: str = "CartPole-v1"
-    """Gymnasium environment id (discrete actions, flat observations)"""
     total_timesteps: int = 300_000
     """environment steps to train for (summed over all envs)"""
-    seed: int = 0
-    """seed for torch, numpy, python and the environments (env i gets seed + i)"""
-    clip: Literal["none", "torch", "fastclip"] = "fastclip"
-    """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
-    clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
-    """what is clipped, by what threshold: the global norm (max-grad-norm), each parameter's own norm
-    (max-grad-norm), each unit adaptively (AGC, agc-clip-factor), or the global norm by an adaptive
-    threshold: autoclip (fastclip.AutoClip: 10th percentile of all norms so far) or zclip
-    (fastclip.ZClip: z-score spikes against an EMA), these two with --clip fastclip only;
-    see examples/common.py's Clipper"""
-    agc_clip_factor: float = 0.01
-    """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
-    max_grad_norm: float = 0.5
-    """max global L2 norm of the gradients"""
-    monitor: bool = False
-    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
-    explosions.csv and grad_norms.png in the run folder"""
-    summary_json: str | None = None
-    """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
-    device: str = "cpu"
-    """torch device: cpu or cuda"""
-    num_threads: int = 1
-    """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: str | None = None
-    """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
-    log_every: int = 100
-    """read per-update metrics back to the host every this many updates"""
-    progress: bool = True
-    """show a tqdm progress bar"""
-    eval_episodes: int = 20
-    """greedy evaluation episodes at the end"""
-
     num_envs: int = 8
-    """parallel environments (gymnasium SyncVectorEnv)"""
+    """parallel environments (gymnasium SyncVectorEnv; env i is seeded with seed + i)"""
     num_steps: int = 5
     """steps per env per update: the n of the n-step return"""
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
@@ -91,10 +56,6 @@ class Args:
     """value-loss coefficient"""
     normalize_advantage: bool = False
     """standardise advantages within each batch"""
-    hidden: int = 64
-    """width of the two hidden layers of the actor and of the critic"""
-    reward_scale: float = 1.0
-    """multiply rewards by this before learning (returns are logged unscaled); >1 makes gradients large"""
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -139,11 +100,9 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv)
-    setup_torch(args.num_threads)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    run_dir = os.path.join("runs", run_name(args, "a2c"))
+    args = common.parse_args(Args, argv)
+    device = common.seed_everything(args)
+    run_dir = common.run_dir(args, "a2c")
 
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make(args.env_id) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -155,14 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     agent = Agent(obs_dim, n_actions, args.hidden).to(device)
     optimizer = make_optimizer(args.optimizer, agent.parameters(), args.learning_rate)
-    clipper = Clipper(
-        args.clip,
-        args.max_grad_norm,
-        mode=args.clip_mode,
-        clip_factor=args.agc_clip_factor,
-        monitor=make_monitor(args.monitor, agent, run_dir, args.log_every),
-    )
-    logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
+    clip_grad_norm_ = common.clip_function(args)  # fastclip.clip_grad_norm_ unless --clip / --clip-mode say otherwise
+    monitor = fastclip.GradMonitor(agent, every=args.log_every, log_dir=run_dir) if args.monitor else None
+    logger = common.UpdateLogger(run_dir, args, clip_grad_norm_)
 
     # rollout storage: (num_steps, num_envs, ...)
     T, N = args.num_steps, args.num_envs
@@ -247,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the clip: fastclip.clip_grad_norm_(params, args.max_grad_norm) with the default
-        # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
-        grad_norm = clipper(agent.parameters())  # pre-clip norm, stays on device
+        if monitor is not None:
+            monitor.record()  # every layer's gradient norm, before the clip
+        grad_norm = clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # the pre-clip norm, on the device
         optimizer.step()
         logger.log_update(
             global_step,
@@ -267,17 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     envs.close()
 
     agent.eval()
-    return finish_run(
-        "a2c",
-        args,
-        logger,
-        clipper,
-        lambda o: int(agent.actor(o).argmax(dim=1).item()),
-        wall_s,
-        global_step,
-        diverged_at,
-        device,
-    )
+    act = lambda o: int(agent.actor(o).argmax(dim=1).item())  # greedy
+    return common.finish_run("a2c", args, logger, act, wall_s, global_step, diverged_at, device, monitor)
 
 
 if __name__ == "__main__":

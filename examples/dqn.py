@@ -2,7 +2,8 @@
 linear epsilon schedule) on a discrete-action Gymnasium env, with the gradient norm clipped by
 fastclip on every update.
 
-CleanRL-style single file: settings in ``Args``, the training loop inline in ``main``.
+CleanRL-style single file: settings in ``Args`` (the ones all three trainers share in
+common.Args), the training loop inline in ``main``, the clip call in plain view in the update.
 
     python examples/dqn.py --env-id CartPole-v1 --total-timesteps 100000 --clip fastclip
 
@@ -15,13 +16,11 @@ Correctness notes (Gymnasium 1.x):
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
+import common
 import gymnasium as gym
 import numpy as np
 import torch
@@ -29,50 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
+import fastclip
 
 
 @dataclass
-class Args:
+class Args(common.Args):
     """DQN with a clipped global gradient norm."""
 
-    env_id: str = "CartPole-v1"
-    """Gymnasium environment id (discrete actions, flat observations)"""
-    total_timesteps: int = 100_000
-    """environment steps to train for"""
-    seed: int = 0
-    """seed for torch, numpy, python and the environment"""
-    clip: Literal["none", "torch", "fastclip"] = "fastclip"
-    """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
-    clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
-    """what is clipped, by what threshold: the global norm (max-grad-norm), each parameter's own norm
-    (max-grad-norm), each unit adaptively (AGC, agc-clip-factor), or the global norm by an adaptive
-    threshold: autoclip (fastclip.AutoClip: 10th percentile of all norms so far) or zclip
-    (fastclip.ZClip: z-score spikes against an EMA), these two with --clip fastclip only;
-    see examples/common.py's Clipper"""
-    agc_clip_factor: float = 0.01
-    """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
     max_grad_norm: float = 10.0
-    """max global L2 norm of the gradients"""
-    monitor: bool = False
-    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
-    explosions.csv and grad_norms.png in the run folder"""
-    summary_json: str | None = None
-    """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
-    device: str = "cpu"
-    """torch device: cpu or cuda"""
-    num_threads: int = 1
-    """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: str | None = None
-    """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
-    log_every: int = 100
-    """read per-update metrics back to the host every this many updates"""
-    progress: bool = True
-    """show a tqdm progress bar"""
-    eval_episodes: int = 20
-    """greedy evaluation episodes at the end"""
-
+    """max L2 norm of the gradients (global, or per parameter with --clip-mode per-layer)"""
+    hidden: int = 128
+    """width of the two hidden layers of the Q-network"""
     learning_rate: float = 5e-4
     """Adam learning rate"""
     anneal_lr: bool = True
@@ -103,10 +69,6 @@ class Args:
     """gradient updates (each one clipped) every time we train"""
     double_dqn: bool = True
     """Double DQN target: the online net picks the next action, the target net evaluates it"""
-    hidden: int = 128
-    """width of the two hidden layers of the Q-network"""
-    reward_scale: float = 1.0
-    """multiply rewards by this before learning (returns are logged unscaled)"""
 
 
 class QNetwork(nn.Module):
@@ -163,11 +125,9 @@ def linear_schedule(start: float, end: float, duration: float, t: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv)
-    setup_torch(args.num_threads)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    run_dir = os.path.join("runs", run_name(args, "dqn"))
+    args = common.parse_args(Args, argv)
+    device = common.seed_everything(args)
+    run_dir = common.run_dir(args, "dqn")
 
     env = gym.make(args.env_id)
     assert isinstance(env.action_space, gym.spaces.Discrete), "DQN needs a discrete action space"
@@ -179,14 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     rb = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
-    clipper = Clipper(
-        args.clip,
-        args.max_grad_norm,
-        mode=args.clip_mode,
-        clip_factor=args.agc_clip_factor,
-        monitor=make_monitor(args.monitor, q_network, run_dir, args.log_every),
-    )
-    logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
+    clip_grad_norm_ = common.clip_function(args)  # fastclip.clip_grad_norm_ unless --clip / --clip-mode say otherwise
+    monitor = fastclip.GradMonitor(q_network, every=args.log_every, log_dir=run_dir) if args.monitor else None
+    logger = common.UpdateLogger(run_dir, args, clip_grad_norm_)
     action_rng = np.random.default_rng(args.seed)
 
     obs, _ = env.reset(seed=args.seed)
@@ -251,9 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                # the clip: fastclip.clip_grad_norm_(params, args.max_grad_norm) with the default
-                # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
-                grad_norm = clipper(q_network.parameters())  # pre-clip norm, stays on device
+                if monitor is not None:
+                    monitor.record()  # every layer's gradient norm, before the clip
+                grad_norm = clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # pre-clip, on the device
                 optimizer.step()
                 logger.log_update(
                     global_step,
@@ -275,17 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     env.close()
 
     q_network.eval()
-    return finish_run(
-        "dqn",
-        args,
-        logger,
-        clipper,
-        lambda o: int(q_network(o).argmax(dim=1).item()),
-        wall_s,
-        global_step,
-        diverged_at,
-        device,
-    )
+    act = lambda o: int(q_network(o).argmax(dim=1).item())  # greedy
+    return common.finish_run("dqn", args, logger, act, wall_s, global_step, diverged_at, device, monitor)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
-"""Plot learning curves (episodic return vs env steps) and pre-clip gradient-norm curves from the
-summary JSONs the trainers write, clip variants side by side.
+"""Learning curves (episodic return vs env steps) and pre-clip gradient-norm curves from the
+run folders the trainers write (runs/<run-name>/: summary.json, episodes.csv, metrics.csv),
+clip variants side by side.
 
-    python examples/plot.py examples/results/cartpole/*.json --out examples/results/cartpole.png
+    python examples/plot.py runs/cartpole_* --out examples/results/cartpole.png --table
 
-Each summary carries down-sampled curves (``curves.return`` / ``curves.grad_norm``), so the
-committed JSONs are enough to redraw the plots. One column per algorithm; row 1: training return
-(mean over seeds, shaded min..max across seeds), row 2: pre-clip global grad norm (per-bin median,
-log scale; dotted: per-bin max; the dashed line is ``max_grad_norm``); row 3, when the runs logged
-it (A2C, REINFORCE): policy entropy - it falls to 0 when the policy collapses onto one action.
+One column per algorithm; row 1: training return (mean over seeds, shaded min..max across
+seeds), row 2: pre-clip global grad norm (per-bin median, log scale; dotted: per-bin max; the
+dashed line is max_grad_norm); row 3, when the runs logged it (A2C, REINFORCE): policy entropy,
+which falls to 0 when the policy collapses onto one action. The commands that made the committed
+PNGs are in examples/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
 import warnings
 from collections import defaultdict
@@ -24,17 +27,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {
-    "none": "tab:red",
-    "torch": "tab:blue",
-    "fastclip": "tab:green",
-    "autoclip": "tab:purple",
-    "fastclip per-layer": "tab:brown",
-    "torch per-layer": "tab:pink",
-    "fastclip agc": "tab:cyan",
-    "torch agc": "tab:olive",
-    "zclip": "tab:orange",
-}
 ORDER = [
     "none",
     "torch",
@@ -46,53 +38,74 @@ ORDER = [
     "autoclip",
     "zclip",
 ]
+COLORS = dict(
+    zip(
+        ORDER,
+        [
+            "tab:red",
+            "tab:blue",
+            "tab:green",
+            "tab:pink",
+            "tab:brown",
+            "tab:olive",
+            "tab:cyan",
+            "tab:purple",
+            "tab:orange",
+        ],
+    )
+)
+
+# Trainer arguments that differ between the runs of one experiment without changing it: the
+# seed (the curves average over it) and where or how a run is written, shown or executed.
+PER_RUN_ARGS = {"seed", "run_name", "summary_json", "progress", "log_every", "num_threads", "device"}
 
 
 def variant(summary: dict) -> str:
-    """The row / curve a run belongs to: its --clip, and its --clip-mode unless global (autoclip and
-    zclip exist for --clip fastclip only, so the mode alone names them)."""
+    """The curve a run belongs to: its --clip, and its --clip-mode unless global."""
     mode = summary.get("clip_mode", "global")
     if mode == "global":
         return summary["clip"]
     return mode if mode in ("autoclip", "zclip") else f"{summary['clip']} {mode}"
 
 
-def _interp(curve: dict, key: str, grid: np.ndarray) -> np.ndarray:
-    steps = np.asarray(curve["step"], dtype=float)
-    vals = np.asarray([np.nan if v is None else v for v in curve[key]], dtype=float)
-    ok = np.isfinite(vals)
-    if ok.sum() < 2:
-        return np.full_like(grid, np.nan)
-    out = np.interp(grid, steps[ok], vals[ok])
-    out[(grid < steps[ok].min()) | (grid > steps[ok].max())] = np.nan
+def load_run(folder: str) -> dict:
+    """summary.json of a run folder, with its CSV columns as arrays."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        run = json.load(f)
+    run["_file"] = folder
+    for name in ("episodes", "metrics"):
+        with open(os.path.join(folder, f"{name}.csv")) as f:
+            rows = list(csv.DictReader(f))
+        run[name] = {k: np.array([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}
+    return run
+
+
+def binned(steps, values, grid, how):
+    """`how` (np.nanmedian, np.nanmax, ...) of the values in each bin of `grid`; nan where empty."""
+    out = np.full(len(grid) - 1, np.nan)
+    idx = np.digitize(steps, grid) - 1
+    for b in range(len(out)):
+        sel = values[(idx == b) & np.isfinite(values)]
+        if sel.size:
+            out[b] = how(sel)
     return out
 
 
-# Trainer arguments that differ between the runs of one experiment without
-# changing it: the seed (the curves average over it) and where or how a run is
-# written, shown or executed.
-PER_RUN_ARGS = {"seed", "run_name", "summary_json", "progress", "log_every", "num_threads", "device"}
-
-
 def mixed_settings(group: list[dict]) -> dict[str, dict[str, list[str]]]:
-    """The settings on which the runs of one curve disagree: {arg: {value: [file, ...]}}.
-
-    One curve is the mean over its runs, so they must differ only in PER_RUN_ARGS;
-    a 100k-step and a 5k-step run of one seed averaged together are not a result."""
-    names = sorted({k for s in group for k in s.get("args", {})} - PER_RUN_ARGS)
+    """The settings on which the runs of one curve disagree: {arg: {value: [folder, ...]}}.
+    One curve is the mean over its runs, so they must differ only in PER_RUN_ARGS."""
     mixed = {}
-    for name in names:
+    for name in sorted({k for s in group for k in s["args"]} - PER_RUN_ARGS):
         by_value: dict[str, list[str]] = defaultdict(list)
         for s in group:
-            value = s.get("args", {}).get(name, "<missing>")
-            by_value[json.dumps(value)].append(s["_file"])
+            by_value[json.dumps(s["args"].get(name, "<missing>"))].append(s["_file"])
         if len(by_value) > 1:
             mixed[name] = dict(by_value)
     return mixed
 
 
-def warn_mixed(algo: str, clip: str, group: list[dict], file=sys.stderr) -> bool:
-    """Print one warning per curve whose runs have different settings; True if it did."""
+def warn_mixed(algo: str, clip: str, group: list[dict]) -> bool:
+    """One warning per curve whose runs have different settings; True if there was one."""
     mixed = mixed_settings(group)
     if mixed:
         what = "; ".join(
@@ -102,37 +115,31 @@ def warn_mixed(algo: str, clip: str, group: list[dict], file=sys.stderr) -> bool
         print(
             f"plot.py: warning: the {len(group)} runs averaged into the {algo}/{clip} curve have "
             f"different settings: {what}. Pass runs of one setting to compare like with like.",
-            file=file,
+            file=sys.stderr,
         )
     return bool(mixed)
 
 
 def markdown_table(runs: dict) -> str:
-    """One row per (algo, clip): eval return per seed, mean, train wall time, clip-call time."""
     lines = [
-        "| algo | clip | seeds | eval return per seed | eval mean | train wall s (mean) | clip calls | clip time s (mean) | grad-norm p50 / p99 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| algo | clip | seeds | eval return per seed | eval mean | updates | grad-norm p50 / p99 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for algo in sorted(runs):
-        for clip in sorted(runs[algo], key=lambda c: ORDER.index(c) if c in ORDER else 99):
+        for clip in sorted(runs[algo], key=ORDER.index):
             g = sorted(runs[algo][clip], key=lambda s: s["seed"])
             per_seed = " / ".join(f"{s['eval_return_mean']:.1f}" for s in g)
             mean = np.mean([s["eval_return_mean"] for s in g])
-            wall = np.mean([s["wall_s"] for s in g])
-            calls = int(np.mean([s["clip_calls"] for s in g]))
-            ctime = np.mean([s["clip_time_s"] for s in g])
-            p50 = np.mean([s["grad_norm_p50"] for s in g if s["grad_norm_p50"] is not None])
-            p99 = np.mean([s["grad_norm_p99"] for s in g if s["grad_norm_p99"] is not None])
+            p50, p99 = (np.mean([s[k] for s in g]) for k in ("grad_norm_p50", "grad_norm_p99"))
             seeds = ",".join(str(s["seed"]) for s in g)
-            lines.append(
-                f"| {algo} | {clip} | {seeds} | {per_seed} | {mean:.1f} | {wall:.1f} | {calls} | {ctime:.3f} | {p50:.3g} / {p99:.3g} |"
-            )
+            updates = int(np.mean([s["updates"] for s in g]))
+            lines.append(f"| {algo} | {clip} | {seeds} | {per_seed} | {mean:.1f} | {updates} | {p50:.3g} / {p99:.3g} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("summaries", nargs="+", help="summary JSON files written by dqn.py / a2c.py / reinforce.py")
+    p.add_argument("runs", nargs="+", help="run folders written by dqn.py / a2c.py / reinforce.py")
     p.add_argument("--out", default="curves.png", help="output PNG path (default: %(default)s)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--table", action="store_true", help="also print a markdown results table")
@@ -140,64 +147,56 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for path in args.summaries:
-        with open(path) as f:
-            s = json.load(f)
-        s["_file"] = path
-        runs[s["algo"]][variant(s)].append(s)
+    for folder in args.runs:
+        run = load_run(folder)
+        runs[run["algo"]][variant(run)].append(run)
     mixed = {(a, c) for a in runs for c in runs[a] if warn_mixed(a, c, runs[a][c])}
-
-    algos = sorted(runs)
     if args.table:
         print(markdown_table(runs))
-    with_entropy = any("entropy" in s["curves"] for a in runs.values() for g in a.values() for s in g)
+
+    algos = sorted(runs)
+    with_entropy = any("entropy" in s["metrics"] for a in runs.values() for g in a.values() for s in g)
     nrows = 3 if with_entropy else 2
     fig, axes = plt.subplots(nrows, len(algos), figsize=(max(5.2 * len(algos), 8.0), 3.5 * nrows), squeeze=False)
     for col, algo in enumerate(algos):
         ax_r, ax_g = axes[0, col], axes[1, col]
         ax_e = axes[2, col] if with_entropy else None
-        max_norm = None
-        for clip in sorted(runs[algo], key=lambda c: ORDER.index(c) if c in ORDER else 99):
+        for clip in sorted(runs[algo], key=ORDER.index):
             group = runs[algo][clip]
-            max_norm = group[0]["max_grad_norm"]
-            total = max(s["total_timesteps"] for s in group)
-            grid = np.linspace(0, total, 200)
-            color = COLORS.get(clip)
+            grid = np.linspace(0, max(s["total_timesteps"] for s in group) + 1, 101)
+            x = (grid[1:] + grid[:-1]) / 2
+            color = COLORS[clip]
             evals = ", ".join(f"{s['eval_return_mean']:.0f}" for s in sorted(group, key=lambda s: s["seed"]))
             label = f"{clip} (n={len(group)}{', MIXED SETTINGS' if (algo, clip) in mixed else ''}; eval {evals})"
-
-            rets = np.stack([_interp(s["curves"]["return"], "mean", grid) for s in group])
-            with warnings.catch_warnings():  # all-NaN columns (before the first episode) are fine
+            with warnings.catch_warnings():  # all-NaN bins (before the first episode) are fine
                 warnings.simplefilter("ignore", RuntimeWarning)
-                ax_r.plot(grid, np.nanmean(rets, 0), color=color, label=label)
+                ep = [
+                    binned(s["episodes"]["global_step"], s["episodes"]["episodic_return"], grid, np.mean) for s in group
+                ]
+                ax_r.plot(x, np.nanmean(ep, 0), color=color, label=label)
                 if len(group) > 1:
-                    ax_r.fill_between(grid, np.nanmin(rets, 0), np.nanmax(rets, 0), color=color, alpha=0.15)
-
-                med = np.stack([_interp(s["curves"]["grad_norm"], "median", grid) for s in group])
-                mx = np.stack([_interp(s["curves"]["grad_norm"], "max", grid) for s in group])
-                ax_g.plot(grid, np.nanmean(med, 0), color=color, label=f"{clip} median")
-                ax_g.plot(grid, np.nanmax(mx, 0), color=color, linestyle=":", alpha=0.7, label=f"{clip} max")
-                if ax_e is not None and all("entropy" in s["curves"] for s in group):
-                    ent = np.stack([_interp(s["curves"]["entropy"], "mean", grid) for s in group])
-                    ax_e.plot(grid, np.nanmean(ent, 0), color=color, label=clip)
-        if max_norm is not None:
-            ax_g.axhline(max_norm, color="k", linestyle="--", linewidth=1, label=f"max_grad_norm={max_norm:g}")
-        env = next(iter(runs[algo].values()))[0]["env_id"]
-        ax_r.set_title(f"{algo} on {env}")
-        ax_r.set_xlabel("env steps")
-        ax_r.set_ylabel("training episodic return")
+                    ax_r.fill_between(x, np.nanmin(ep, 0), np.nanmax(ep, 0), color=color, alpha=0.15)
+                m = [s["metrics"] for s in group]
+                med = [binned(r["global_step"], r["grad_norm"], grid, np.median) for r in m]
+                top = [binned(r["global_step"], r["grad_norm"], grid, np.max) for r in m]
+                ax_g.plot(x, np.nanmean(med, 0), color=color, label=f"{clip} median")
+                ax_g.plot(x, np.nanmax(top, 0), color=color, linestyle=":", alpha=0.7, label=f"{clip} max")
+                if ax_e is not None and all("entropy" in r for r in m):
+                    ent = [binned(r["global_step"], r["entropy"], grid, np.mean) for r in m]
+                    ax_e.plot(x, np.nanmean(ent, 0), color=color, label=clip)
+        max_norm = next(iter(runs[algo].values()))[0]["max_grad_norm"]
+        ax_g.axhline(max_norm, color="k", linestyle="--", linewidth=1, label=f"max_grad_norm={max_norm:g}")
+        ax_r.set_title(f"{algo} on {next(iter(runs[algo].values()))[0]['env_id']}")
+        ax_r.set(xlabel="env steps", ylabel="training episodic return")
         ax_r.legend(fontsize=8, loc="upper left")
-        ax_r.grid(alpha=0.3)
-        ax_g.set_yscale("log")
-        ax_g.set_xlabel("env steps")
-        ax_g.set_ylabel("pre-clip global grad norm")
+        ax_g.set(yscale="log", xlabel="env steps", ylabel="pre-clip global grad norm")
         ax_g.legend(fontsize=7, loc="best")
-        ax_g.grid(alpha=0.3, which="both")
+        for ax in (ax_r, ax_g):
+            ax.grid(alpha=0.3, which="both")
         if ax_e is not None and not ax_e.lines:
             ax_e.axis("off")  # value-based (DQN): no policy entropy
         elif ax_e is not None:
-            ax_e.set_xlabel("env steps")
-            ax_e.set_ylabel("policy entropy (nats)")
+            ax_e.set(xlabel="env steps", ylabel="policy entropy (nats)")
             ax_e.legend(fontsize=8, loc="best")
             ax_e.grid(alpha=0.3)
     if args.title:

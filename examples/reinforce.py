@@ -1,7 +1,8 @@
 """REINFORCE (Monte-Carlo policy gradient) with reward-to-go, a learned state-value baseline and
 an entropy bonus, with the gradient norm clipped by fastclip on every update.
 
-CleanRL-style single file: settings in ``Args``, the training loop inline in ``main``.
+CleanRL-style single file: settings in ``Args`` (the ones all three trainers share in
+common.Args), the training loop inline in ``main``, the clip call in plain view in the update.
 
     python examples/reinforce.py --env-id CartPole-v1 --total-timesteps 200000 --clip fastclip
 
@@ -14,12 +15,10 @@ Correctness notes (Gymnasium 1.x):
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
 
+import common
 import gymnasium as gym
 import numpy as np
 import torch
@@ -27,50 +26,19 @@ import torch.nn as nn
 from torch.distributions import Categorical
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Clipper, UpdateLogger, finish_run, make_monitor, parse_args, run_name, seed_everything, setup_torch  # noqa: E402
+import fastclip
 
 
 @dataclass
-class Args:
+class Args(common.Args):
     """REINFORCE with reward-to-go, value baseline, entropy bonus and a clipped gradient norm."""
 
-    env_id: str = "CartPole-v1"
-    """Gymnasium environment id (discrete actions, flat observations)"""
     total_timesteps: int = 200_000
     """environment steps to train for (the last batch of whole episodes may run slightly past it)"""
-    seed: int = 0
-    """seed for torch, numpy, python and the environment"""
-    clip: Literal["none", "torch", "fastclip"] = "fastclip"
-    """gradient clipping: fastclip's fused functions, the plain-torch way, or none"""
-    clip_mode: Literal["global", "per-layer", "agc", "autoclip", "zclip"] = "global"
-    """what is clipped, by what threshold: the global norm (max-grad-norm), each parameter's own norm
-    (max-grad-norm), each unit adaptively (AGC, agc-clip-factor), or the global norm by an adaptive
-    threshold: autoclip (fastclip.AutoClip: 10th percentile of all norms so far) or zclip
-    (fastclip.ZClip: z-score spikes against an EMA), these two with --clip fastclip only;
-    see examples/common.py's Clipper"""
-    agc_clip_factor: float = 0.01
-    """AGC: a unit's grad norm is held to this fraction of its weight norm (--clip-mode agc)"""
     max_grad_norm: float = 1.0
-    """max global L2 norm of the gradients"""
-    monitor: bool = False
-    """record every update's per-layer gradient norms (fastclip.GradMonitor): grad_norms.csv,
-    explosions.csv and grad_norms.png in the run folder"""
-    summary_json: str | None = None
-    """also write the end-of-run summary JSON here (it always goes to runs/<run-name>/summary.json)"""
-    device: str = "cpu"
-    """torch device: cpu or cuda"""
-    num_threads: int = 1
-    """torch intra-op CPU threads (1 is fastest for these tiny networks); 0 keeps torch's default"""
-    run_name: str | None = None
-    """name of the run directory under runs/ (default: env__algo__clip__seed__time)"""
+    """max L2 norm of the gradients (global, or per parameter with --clip-mode per-layer)"""
     log_every: int = 20
-    """read per-update metrics back to the host every this many updates"""
-    progress: bool = True
-    """show a tqdm progress bar"""
-    eval_episodes: int = 20
-    """greedy evaluation episodes at the end"""
-
+    """copy the per-update metrics to the host every this many updates"""
     episodes_per_update: int = 4
     """complete episodes collected per gradient update"""
     learning_rate: float = 1e-3
@@ -85,10 +53,6 @@ class Args:
     """baseline (value) loss coefficient"""
     normalize_advantage: bool = True
     """standardise the advantages (reward-to-go minus baseline) within each batch"""
-    hidden: int = 64
-    """width of the two hidden layers of the policy and of the baseline"""
-    reward_scale: float = 1.0
-    """multiply rewards by this before learning (returns are logged unscaled)"""
 
 
 def mlp(inp: int, out: int, hidden: int, out_std: float) -> nn.Sequential:
@@ -100,11 +64,9 @@ def mlp(inp: int, out: int, hidden: int, out_std: float) -> nn.Sequential:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv)
-    setup_torch(args.num_threads)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    run_dir = os.path.join("runs", run_name(args, "reinforce"))
+    args = common.parse_args(Args, argv)
+    device = common.seed_everything(args)
+    run_dir = common.run_dir(args, "reinforce")
 
     env = gym.make(args.env_id)
     assert isinstance(env.action_space, gym.spaces.Discrete), "this REINFORCE needs discrete actions"
@@ -118,14 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     named = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + [
         (f"baseline.{n}", p) for n, p in baseline.named_parameters()
     ]
-    clipper = Clipper(
-        args.clip,
-        args.max_grad_norm,
-        mode=args.clip_mode,
-        clip_factor=args.agc_clip_factor,
-        monitor=make_monitor(args.monitor, named, run_dir, args.log_every),
-    )
-    logger = UpdateLogger(run_dir, clipper, args.log_every, config=vars(args))
+    clip_grad_norm_ = common.clip_function(args)  # fastclip.clip_grad_norm_ unless --clip / --clip-mode say otherwise
+    monitor = fastclip.GradMonitor(named, every=args.log_every, log_dir=run_dir) if args.monitor else None
+    logger = common.UpdateLogger(run_dir, args, clip_grad_norm_)
 
     obs, _ = env.reset(seed=args.seed)
     pbar = tqdm(total=args.total_timesteps, disable=not args.progress, mininterval=1.0, desc="reinforce")
@@ -198,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the clip: fastclip.clip_grad_norm_(params, args.max_grad_norm) with the default
-        # --clip fastclip --clip-mode global; the other choices: examples/common.py, Clipper
-        grad_norm = clipper(params)  # pre-clip norm over policy + baseline, stays on device
+        if monitor is not None:
+            monitor.record()  # every layer's gradient norm, before the clip
+        grad_norm = clip_grad_norm_(params, args.max_grad_norm)  # the pre-clip norm over policy + baseline
         optimizer.step()
         logger.log_update(
             global_step,
@@ -217,17 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     env.close()
 
     policy.eval()
-    return finish_run(
-        "reinforce",
-        args,
-        logger,
-        clipper,
-        lambda o: int(policy(o).argmax(dim=1).item()),
-        wall_s,
-        global_step,
-        diverged_at,
-        device,
-    )
+    act = lambda o: int(policy(o).argmax(dim=1).item())  # greedy
+    return common.finish_run("reinforce", args, logger, act, wall_s, global_step, diverged_at, device, monitor)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def _defines_flag(source: str, flag: str) -> bool:
 
 def _check_flags(path: Path, args: list[str]) -> list[str]:
     source = path.read_text()
+    if re.search(r"^import common$", source, re.M):  # the trainers' shared Args (examples/common.py)
+        source += (path.parent / "common.py").read_text()
     return [
         f"{path.relative_to(REPO)} defines no {a.split('=', 1)[0]}"
         for a in args

@@ -1,5 +1,8 @@
-import os
-import sys
+# pytest puts this folder on sys.path (rootdir-relative imports), so the tests import
+# helpers.py, adaptive_reference.py and distributed_cases.py as plain modules.
 
-# Tests import helpers.py as a plain module.
-sys.path.insert(0, os.path.dirname(__file__))
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: takes more than ~30 s; runs in `make test` (CI); skip locally with -m 'not slow'"
+    )

@@ -1,4 +1,4 @@
-"""Distributed clipping on real torch.distributed process groups (DESIGN.md §7).
+"""Distributed clipping on real torch.distributed process groups (docs/distributed.md).
 
 One group of processes per world size (2 and 4, gloo on loopback) runs every
 case of tests/distributed_cases.py in turn, so the torch import and the
@@ -19,9 +19,8 @@ import torch
 import fastclip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 if torch.distributed.is_available():
-    from distributed_cases import CASES  # noqa: E402  (the case names; nothing runs at import)
+    from distributed_cases import CASES  # the case names; nothing runs at import
 else:
     CASES = []
 

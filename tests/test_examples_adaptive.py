@@ -8,15 +8,17 @@ import os
 import pytest
 
 pytest.importorskip("gymnasium")
-from test_examples import _run  # noqa: E402
+from test_examples import run_trainer  # noqa: E402
 
 
 @pytest.mark.parametrize(
     "algo, mode", [("a2c", "autoclip"), ("a2c", "zclip"), ("dqn", "zclip"), ("reinforce", "autoclip")]
 )
 def test_adaptive_mode_with_monitor(algo, mode, tmp_path, monkeypatch):
-    s = _run(algo, "fastclip", tmp_path, monkeypatch, extra=("--clip-mode", mode, "--monitor", "--log-every", "10"))
-    assert s["clip_mode"] == mode and s["clip_calls"] == s["updates"] > 0
+    s = run_trainer(
+        algo, "fastclip", tmp_path, monkeypatch, extra=("--clip-mode", mode, "--monitor", "--log-every", "10")
+    )
+    assert s["clip_mode"] == mode and s["updates"] > 0
     assert not s.get("diverged")  # ZClip's threshold of inf (no clip) is not a divergence
     run_dir = tmp_path / s["run_dir"]
     with open(run_dir / "metrics.csv") as f:
@@ -32,9 +34,4 @@ def test_adaptive_mode_with_monitor(algo, mode, tmp_path, monkeypatch):
         norms = list(csv.reader(f))
     assert len(norms) == s["updates"] + 1 and len(norms[0]) > 4  # header: step + one column per tensor
     assert os.path.getsize(run_dir / "grad_norms.png") > 1000
-    assert s["monitor"]["explosions"] >= 0
-
-
-def test_adaptive_mode_needs_fastclip(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="clip mode"):
-        _run("a2c", "torch", tmp_path, monkeypatch, extra=("--clip-mode", "zclip"))
+    assert s["monitor"]["updates_flagged"] <= s["monitor"]["explosions"]

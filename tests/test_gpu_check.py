@@ -170,13 +170,13 @@ def copy_tree(dst):
 def test_negative_control_dry_run_catches_unresolved_commands(tmp_path):
     tree = copy_tree(tmp_path / "repo")
     (tree / "gpu_check" / "profile_update.py").unlink()
-    a2c = tree / "examples" / "a2c.py"
-    a2c.write_text(a2c.read_text().replace("eval_episodes:", "n_eval_episodes:"))
+    common = tree / "examples" / "common.py"  # the trainers' shared Args
+    common.write_text(common.read_text().replace("eval_episodes:", "n_eval_episodes:"))
     r = run_script("--dry-run", "profile", "trainers", cwd=tree, script=tree / "gpu_check" / "run.sh")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "script gpu_check/profile_update.py does not exist" in r.stdout
     assert "examples/a2c.py defines no --eval-episodes" in r.stdout
-    assert "dry run: 3 of 7 planned commands do not resolve" in r.stdout  # both profile steps, a2c
+    assert "dry run: 5 of 7 planned commands do not resolve" in r.stdout  # both profile steps, the 3 trainers
 
 
 @pytest.mark.parametrize(
