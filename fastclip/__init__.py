@@ -6,11 +6,12 @@ norm = fastclip.clip_(model.parameters(), max_norm=0.5)   # = torch.nn.utils.cli
 
 from . import _ops  # first: checks the torch version, then loads the extension
 from ._version import __version__
-from .adaptive import AutoClip, ZClip
+from .agc import adaptive_clip_grad_
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
-from .local import adaptive_clip_grad_, clip_grad_norm_per_layer_, per_tensor_norms
 from .monitor import Explosion, GradMonitor
 from .patch import is_patched, patch, unpatch
+from .per_layer import clip_grad_norm_per_layer_, per_tensor_norms
+from .thresholds import AutoClip, ZClip
 
 
 def backend() -> str:

@@ -4,6 +4,8 @@ If fastclip._C cannot be loaded, everything still works through the pure-torch
 reference path; one warning says why, and `fastclip.backend()` says "python".
 """
 
+import glob
+import os
 import warnings
 
 import torch
@@ -16,16 +18,40 @@ _TOO_OLD = torch_too_old(torch.__version__)
 if _TOO_OLD:
     raise ImportError(_TOO_OLD)
 
+
+def _why_not_loaded(exc):
+    """What happened and what to do, for the one warning: where this fastclip was
+    imported from, and whether it is a source checkout that was never built."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    built = glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd"))
+    if built:  # there, but it does not load: built against another torch, usually
+        return (
+            f"fastclip imported from {here} has a compiled extension ({os.path.basename(built[0])}) that does "
+            f"not load with torch {torch.__version__} ({type(exc).__name__}: {exc}); rebuild it against this "
+            "torch: `make setup` in the checkout, or `pip install --no-build-isolation .`"
+        )
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return (
+            f"fastclip was imported from {here}, the source folder of a checkout, which holds no compiled "
+            f"extension (no fastclip/_C*.so): Python finds that folder first when you run from {root}. "
+            "Run from another folder to use an installed fastclip, or build the checkout in place with "
+            "`make setup` (or `pip install --no-build-isolation -e .`)"
+        )
+    return (
+        f"fastclip imported from {here} has no compiled extension (no _C*.so); reinstall it with "
+        "`pip install --no-build-isolation .`"
+    )
+
+
 LOAD_ERROR = None
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastclip.*)
 except ImportError as exc:  # not built, or built against another torch
     _C = None
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    LOAD_ERROR = _why_not_loaded(exc)
     warnings.warn(
-        f"fastclip: the compiled extension could not be loaded ({LOAD_ERROR}); "
-        "using the pure-torch reference path, which is correct but not fused. "
-        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        f"{LOAD_ERROR}. Until then the pure-torch reference path runs: correct, but not fused.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -35,7 +61,7 @@ CUDA_BUILT = LOADED and _C.cuda_built()
 
 # The eager hot path's entry (csrc/eager_params.h), None without the extension.
 clip_params = _C.clip_params if LOADED else None
-# Those of fastclip/local.py's functions (csrc/eager_params.h).
+# Those of fastclip/per_layer.py's and agc.py's functions (csrc/eager_params.h).
 tensor_norms = _C.tensor_norms if LOADED else None
 per_layer_params = _C.per_layer_params if LOADED else None
 agc_params = _C.agc_params if LOADED else None
@@ -87,5 +113,6 @@ if LOADED:
 
 
 def has_kernels(device_type):
-    """Whether the fused ops are compiled for this device type ("cpu", "cuda")."""
+    """Whether the fused ops are compiled for this device type ("cpu", "cuda"): a fact
+    of the build. Whether they run on given tensors is _grads.runs_fused()."""
     return LOADED and (device_type == "cpu" or (device_type == "cuda" and CUDA_BUILT))

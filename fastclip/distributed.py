@@ -1,4 +1,4 @@
-"""Clipping across processes with torch.distributed (design: DESIGN.md §7).
+"""Clipping across processes with torch.distributed (docs/distributed.md).
 
 Two kinds of distributed gradients reach fastclip's functions:
 
@@ -36,8 +36,16 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import _reference
-from . import clip as _clip  # input checks, per-device fused norms and scaling
+from ._grads import (
+    check_grads,
+    check_tensor,
+    clip_coef,
+    device_norms,
+    group_by_device,
+    raise_if_nonfinite,
+    result_dtype,
+    scale_groups,
+)
 
 
 def dtensor_type():
@@ -200,7 +208,7 @@ def _partial(tensors, norm_type, device):
     rounding of the result."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64, device=device)
-    norms = _clip._device_norms(_clip._group_by_device(tensors), norm_type)
+    norms = device_norms(group_by_device(tensors), norm_type)
     norms = torch.stack([n.to(device, torch.float64) for n in norms])
     if math.isinf(norm_type):
         return norms.max()  # NaN-propagating
@@ -260,20 +268,20 @@ def _norm_and_plan(pairs, norm_type, error_if_nonfinite, group, fn):
     _check_group(group, fn)
     _check_norm_type(norm_type, fn)
     pairs = list(pairs)
-    _clip._check_grads(local_shards([g for _, g in pairs if g is not None], fn), fn)
+    check_grads(local_shards([g for _, g in pairs if g is not None], fn), fn)
     plan = _plan(pairs, group)
     device = _result_device(plan)
     norm = _global_norm(plan, norm_type, device)
     if error_if_nonfinite:  # the same value on every rank: all raise
-        _clip._raise_if_nonfinite(norm, norm_type, _returned_dtype(plan))
+        raise_if_nonfinite(norm, norm_type, _returned_dtype(plan))
     return norm, plan
 
 
 def _returned_dtype(plan):
-    return _clip._result_dtype(plan.locals) if plan.locals else torch.float32
+    return result_dtype(plan.locals) if plan.locals else torch.float32
 
 
-# ---- the public functions' distributed halves (called from fastclip/clip.py) -----
+# ---- the distributed halves of fastclip/clip.py's functions ------------------------
 
 
 def get_total_norm(tensors, norm_type, error_if_nonfinite, group, fn):
@@ -285,11 +293,11 @@ def get_total_norm(tensors, norm_type, error_if_nonfinite, group, fn):
 def clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, group, fn):
     """`params`: a list or tuple (clip.py has consumed any generator)."""
     for i, p in enumerate(params):
-        _clip._check_tensor(p, i, fn, "parameters")
+        check_tensor(p, i, fn, "parameters")
     with torch.no_grad():
         norm, plan = _norm_and_plan(((p, p.grad) for p in params), norm_type, error_if_nonfinite, group, fn)
         if plan.locals:
-            _clip._scale_groups(_clip._group_by_device(plan.locals), _reference.clip_coef(max_norm, norm))
+            scale_groups(group_by_device(plan.locals), clip_coef(max_norm, norm))
         return _as_torch_returns(norm.to(_returned_dtype(plan)), plan)
 
 

@@ -14,26 +14,39 @@ row written into a device ring buffer of `every` rows: no host sync, so it can
 run inside torch.compile(fullgraph=True) or a captured CUDA graph. In eager
 mode every `every`-th record() flushes: the buffer comes to the host in one
 transfer, is written to CSV (and TensorBoard when installed), and is scanned
-for explosions: a norm above `k` times the median of that layer's previous
-`window` norms, or a non-finite norm; each is reported with its layer and step.
-Inside a compiled or captured step record() cannot count on the host: call
-flush() yourself, at least every `every` steps (older rows are overwritten and
-flush() warns how many were lost).
+for explosions. Inside a compiled or captured step record() cannot count on the
+host: call flush() yourself, at least every `every` steps (older rows are
+overwritten and flush() warns how many were lost).
+
+The explosion rule (docs/monitor.md). A layer's norm is an explosion when it is
+non-finite, or when, with at least `min_history` finite norms of that layer in
+the last `window` steps, it is more than `k` times
+
+  - the largest of those norms (the layer's gradient beats its recent record), or
+  - the layer's norm over the norm of all other layers' grads beats the largest
+    such ratio in the window by k (the layer jumped away from the rest).
+
+Why records and not the median: healthy RL gradients are heavy-tailed (an A2C
+run on CartPole has norms of ~0.03 with spikes of ~100 whenever an episode
+ends), so "k times the median" flags several percent of healthy updates, while
+a new record by a factor k is rare in them (0-0.5% of updates with the
+defaults). The ratio to the other layers keeps a spike in one layer visible
+when the layer's own norm swings widely, because healthy swings move all
+layers together.
 """
 
 import csv
 import math
 import os
+import statistics
 import warnings
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from . import _local_reference
-from .clip import _check_norm_type
-from .local import per_tensor_norms
+from ._grads import check_norm_type
+from .per_layer import per_tensor_norms
 
 _NO_GRAD = -1.0  # recorded for a parameter whose .grad is None (a norm is never negative)
 
@@ -42,8 +55,8 @@ class Explosion(NamedTuple):
     step: int  # 0-based count of record() calls
     layer: str  # the parameter's name, e.g. "actor.0.weight"
     norm: float
-    median: float  # that layer's running median before this step (nan: not enough history)
-    kind: str  # "spike" (norm > k x median) or "nonfinite"
+    median: float  # that layer's median over the window before this step (nan: no history)
+    kind: str  # "spike" (the rule above) or "nonfinite"
 
     def __str__(self):
         if self.kind == "nonfinite":
@@ -71,15 +84,6 @@ def _named_parameters(model):
     return named
 
 
-def _has_fused_norms(device):
-    if device.type == "cpu":
-        return True
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastclip::per_tensor_norms", device.type.upper())
-    except Exception:  # noqa: BLE001 - extension not loaded, or an unknown dispatch key
-        return False
-
-
 def _tensorboard_writer(log_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
@@ -91,13 +95,23 @@ def _tensorboard_writer(log_dir):
 class GradMonitor:
     """Per-parameter gradient norms every step, explosions named by layer and step.
 
-    model: an nn.Module (its trainable named parameters) or an iterable of
-    parameters or (name, parameter) pairs. every: rows in the device ring buffer,
-    and the flush interval. k, window, min_history: a norm is a spike when it is
-    above k x the median of the layer's last `window` finite norms, once there are
-    at least `min_history` of them. log_dir: where grad_norms.csv, explosions.csv
-    and TensorBoard events (when tensorboard is installed) go; None keeps
-    everything in memory. on_explosion: called with each Explosion as found.
+    Args:
+        model (nn.Module or Iterable): an nn.Module (its trainable named parameters),
+            or an iterable of parameters or of (name, parameter) pairs
+        every (int, optional): rows in the device ring buffer, and the flush
+            interval in eager mode. Default: 100
+        k (float, keyword-only): a norm is a spike when it beats the layer's record
+            over the window (or its ratio to the other layers beats that ratio's
+            record) by more than this factor; see the module's doc. Default: 5.0
+        window (int, keyword-only): the steps the records are taken over. Default: 100
+        min_history (int, keyword-only): the finite norms a layer needs in the window
+            before it can spike. Default: 10
+        norm_type (float, keyword-only): type of the p-norm. Default: 2.0
+        log_dir (str, keyword-only): where grad_norms.csv, explosions.csv and
+            TensorBoard events (when tensorboard is installed) go; None keeps
+            everything in memory. Default: None
+        on_explosion (callable, keyword-only): called with each Explosion as found.
+            Default: None
     """
 
     def __init__(
@@ -105,7 +119,7 @@ class GradMonitor:
         model: "torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]]",
         every: int = 100,
         *,
-        k: float = 10.0,
+        k: float = 5.0,
         window: int = 100,
         min_history: int = 10,
         norm_type: float = 2.0,
@@ -124,15 +138,10 @@ class GradMonitor:
         self.names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self.every, self.k, self.window, self.min_history = every, float(k), window, min_history
-        self.norm_type = _check_norm_type(norm_type, fn)
+        self.norm_type = check_norm_type(norm_type, fn)
         self.on_explosion = on_explosion
         device = self._params[0].device
         n = len(self._params)
-        # The fused per-tensor norms op has no kernel on every device yet (CPU only when this
-        # was written): elsewhere the pure-torch path (one norm call per tensor) stands in.
-        self._per_tensor_norms = (
-            per_tensor_norms if _has_fused_norms(device) else (lambda ts, p: _local_reference.per_tensor_norms(ts, p))
-        )
         # The device side: a ring of `every` rows and the count of record() calls.
         self._norms = torch.zeros(every, n, dtype=torch.float32, device=device)
         self._steps = torch.zeros(every, dtype=torch.int64, device=device)
@@ -141,9 +150,13 @@ class GradMonitor:
         # The host side, filled at each flush.
         self._flushed = 0
         self.steps = []  # every flushed step
-        self.history = []  # and its row of norms (numpy float32; nan: no grad)
+        self.history = []  # and its row of norms (a float32 CPU tensor; nan: no grad)
         self.explosions = []
-        self._recent = np.full((window, n), np.nan)  # finite norms per layer, for the medians
+        # The rule's window, per layer: the last `window` norms and ratios to the other
+        # layers (-inf where there was none), and how many finite norms have been seen.
+        self._recent = torch.full((window, n), -math.inf, dtype=torch.float64)
+        self._recent_ratio = torch.full((window, n), -math.inf, dtype=torch.float64)
+        self._seen = torch.zeros(n, dtype=torch.int64)
         self._recent_pos = 0
         self.log_dir = log_dir
         self._csv = self._events_csv = self._tb = None
@@ -166,7 +179,7 @@ class GradMonitor:
         with torch.no_grad():
             row = torch.full((len(grads),), _NO_GRAD, dtype=torch.float32, device=self._norms.device)
             if present:
-                norms = self._per_tensor_norms([grads[i] for i in present], self.norm_type)
+                norms = per_tensor_norms([grads[i] for i in present], self.norm_type)
                 norms = norms.to(self._norms.device, torch.float32)
                 if len(present) == len(grads):
                     row = norms
@@ -187,8 +200,8 @@ class GradMonitor:
         explosions. Returns the explosions found in them."""
         self._unflushed = 0
         # One transfer: count, step numbers and norms packed in float64 (exact for all three).
-        packed = torch.cat([self._count.double(), self._steps.double(), self._norms.double().flatten()]).cpu().numpy()
-        count, steps = int(packed[0]), packed[1 : 1 + self.every].astype(np.int64)
+        packed = torch.cat([self._count.double(), self._steps.double(), self._norms.double().flatten()]).cpu()
+        count, steps = int(packed[0]), packed[1 : 1 + self.every].long().tolist()
         norms = packed[1 + self.every :].reshape(self.every, -1)
         new = count - self._flushed
         if new > self.every:
@@ -211,23 +224,30 @@ class GradMonitor:
         return found
 
     def _take_row(self, step, row):
+        """Scan one step's norms (a float64 CPU tensor) for explosions, then add them to the window."""
         missing = row == _NO_GRAD
-        row = np.where(missing, np.nan, row)
-        history = np.isfinite(self._recent).sum(axis=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no history yet
-            median = np.nanmedian(self._recent, axis=0)
-        nonfinite = ~missing & ~np.isfinite(row)
-        spike = np.isfinite(row) & (history >= self.min_history) & (median > 0) & (row > self.k * median)
+        row = row.masked_fill(missing, math.nan)
+        finite = torch.isfinite(row)
+        squares = torch.where(finite, row * row, 0.0)
+        rest = (squares.sum() - squares).clamp(min=0.0).sqrt()  # the norm of the other layers' grads
+        ratio = torch.where(finite & (rest > 0), row / rest, math.nan)
+        ready = torch.minimum(self._seen, torch.tensor(self.window)) >= self.min_history
+        beats_record = row > self.k * self._recent.amax(dim=0)
+        beats_ratio_record = ratio > self.k * self._recent_ratio.amax(dim=0)
+        spike = finite & ready & (beats_record | beats_ratio_record)
+        nonfinite = ~missing & ~finite
         events = [
-            Explosion(step, self.names[j], float(row[j]), float(median[j]), "nonfinite" if nonfinite[j] else "spike")
-            for j in np.flatnonzero(nonfinite | spike)
+            Explosion(step, self.names[j], float(row[j]), self._median(j), "nonfinite" if nonfinite[j] else "spike")
+            for j in torch.nonzero(nonfinite | spike).flatten().tolist()
         ]
-        # Spikes enter the history too, so a lasting change of scale stops being flagged.
-        self._recent[self._recent_pos % self.window] = np.where(np.isfinite(row), row, np.nan)
+        # Spikes enter the window too, so a lasting change of scale stops being flagged.
+        slot = self._recent_pos % self.window
+        self._recent[slot] = torch.where(finite, row, -math.inf)
+        self._recent_ratio[slot] = torch.nan_to_num(ratio, nan=-math.inf)
         self._recent_pos += 1
+        self._seen += finite
         self.steps.append(step)
-        self.history.append(row.astype(np.float32))
+        self.history.append(row.float())
         self.explosions.extend(events)
         self._write(step, row, missing, events)
         if self.on_explosion is not None:
@@ -235,13 +255,18 @@ class GradMonitor:
                 self.on_explosion(e)
         return events
 
+    def _median(self, j):
+        """Layer j's median over the window (nan: no finite norm yet), for the report."""
+        values = [v for v in self._recent[:, j].tolist() if v > -math.inf]
+        return statistics.median(values) if values else math.nan
+
     def _write(self, step, row, missing, events):
         if self._csv is not None:
-            self._csv.writerow([step, *("" if m else repr(float(v)) for v, m in zip(row, missing))])
+            self._csv.writerow([step, *("" if m else repr(v) for v, m in zip(row.tolist(), missing.tolist()))])
             for e in events:
                 self._events_csv.writerow([e.step, e.layer, e.kind, e.norm, e.median])
         if self._tb is not None:
-            for name, v in zip(self.names, row):
+            for name, v in zip(self.names, row.tolist()):
                 if math.isfinite(v):
                     self._tb.add_scalar(f"grad_norm/{name}", v, step)
             for e in events:
@@ -258,17 +283,18 @@ class GradMonitor:
             self._tb.close()
             self._tb = None
 
-    def norms(self):
-        """(steps, norms): every flushed step and its per-parameter norms, as numpy arrays
-        (nan where a parameter had no grad)."""
+    def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps, norms): every flushed step (int64) and its per-parameter norms (float32,
+        nan where a parameter had no grad), as CPU tensors."""
         if not self.history:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.names)), dtype=np.float32)
-        return np.asarray(self.steps), np.stack(self.history)
+            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, len(self.names)), dtype=torch.float32)
+        return torch.tensor(self.steps, dtype=torch.int64), torch.stack(self.history)
 
     # -- the picture ---------------------------------------------------------------------
     def plot(self, path: str, max_legend: int = 12) -> str:
         """Per-layer gradient-norm curves over steps on a log axis, explosions marked
-        (spikes with a red x at the norm, non-finite norms with a red line); saved to `path`."""
+        (spikes with a red x at the norm, non-finite norms with a red line); saved to
+        `path`, which is returned. Needs matplotlib."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
         steps, norms = self.norms()
@@ -276,8 +302,8 @@ class GradMonitor:
         ax = fig.add_subplot()
         labelled = len(self.names) <= max_legend
         for j, name in enumerate(self.names):
-            y = np.where(norms[:, j] > 0, norms[:, j], np.nan)  # log axis: no zeros
-            ax.plot(steps, y, lw=0.8, label=name if labelled else None)
+            y = torch.where(norms[:, j] > 0, norms[:, j], math.nan)  # log axis: no zeros
+            ax.plot(steps.tolist(), y.tolist(), lw=0.8, label=name if labelled else None)
         spikes = [e for e in self.explosions if e.kind == "spike"]
         if spikes:
             ax.scatter(
@@ -287,7 +313,7 @@ class GradMonitor:
                 color="red",
                 s=40,
                 zorder=5,
-                label=f"spike (> {self.k:g}x running median)",
+                label=f"spike (> {self.k:g}x the layer's record over {self.window} steps)",
             )
         for i, e in enumerate(e for e in self.explosions if e.kind == "nonfinite"):
             ax.axvline(e.step, color="red", lw=0.8, ls="--", label="non-finite norm" if i == 0 else None)

@@ -1,5 +1,5 @@
 """What to do when the gradient norm is inf or NaN: one policy for
-clip_grad_norm_ and the adaptive clippers (fastclip/adaptive.py).
+clip_grad_norm_ and the adaptive thresholds (fastclip/thresholds.py).
 
     "torch"  torch's behaviour (the default): scale by the coefficient torch's
              formula gives (a NaN norm makes every grad NaN, an inf norm zeroes
@@ -10,7 +10,7 @@ clip_grad_norm_ and the adaptive clippers (fastclip/adaptive.py).
     "skip"   sync-free: the grads and the clipper state are left untouched and
              a 0-dim float32 `found_inf` tensor (1.0 / 0.0) says so, on the
              device. torch's fused optimizers skip their step on the device
-             when it is 1.0 (see README, "Non-finite gradients").
+             when it is 1.0 (docs/thresholds.md, "Non-finite gradients").
 """
 
 import torch

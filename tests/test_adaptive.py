@@ -23,7 +23,7 @@ SHAPES = [(16, 8), (8,), (4, 4, 3), (5,)]
 def path(request, monkeypatch):
     """Both implementations of a step on CPU grads: Python floats on the host (the eager
     default there) and the device tensor ops (what CUDA, torch.compile and graphs run)."""
-    monkeypatch.setattr(fastclip.adaptive._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
+    monkeypatch.setattr(fastclip.thresholds._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
     return request.param
 
 

@@ -3,7 +3,7 @@
 A step of either clipper, called as `norm = clipper(parameters)` after
 backward(), is:
 
-    global norm        one fused op per device (fastclip/clip.py's input handling)
+    global norm        one fused op per device (fastclip/_grads.py)
     threshold, coef    a few tensor ops on the state (history buffer, EMA mean/var)
     scale_             one fused op per device (no stores when coef is exactly 1)
     state update       in-place copies into the same state tensors
@@ -23,27 +23,28 @@ holds such references and checks these clippers against them.
 """
 
 import math
+from collections.abc import Iterable
 
-import numpy as np
 import torch
 
-from .clip import (
-    TensorOrTensors,
-    _check_grads,
-    _check_max_norm,
-    _check_norm_type,
-    _combine_norms,
-    _device_norms,
-    _grads_of,
-    _group_by_device,
-    _raise_if_nonfinite,
-    _result_dtype,
-    _scale_groups,
+from ._grads import (
+    EPS,
+    check_grads,
+    check_max_norm,
+    check_norm_type,
+    clip_coef,
+    combine_norms,
+    device_norms,
+    grads_of,
+    group_by_device,
+    raise_if_nonfinite,
+    result_dtype,
+    scale_groups,
 )
 from .nonfinite import check_policy, nonfinite_flag, skip_if_nonfinite
 
 _STATE_DTYPE = torch.float64  # thresholds match an fp64 (.item()) reference to rounding
-_EPS = 1e-6  # torch's clip_grad_norm_ epsilon, and ZClip's std epsilon
+_STD_EPS = 1e-6  # ZClip's z = (norm - mean) / (std + eps)
 
 
 def _check_int(value, name, fn, minimum):
@@ -60,18 +61,13 @@ def _check_open_interval(value, name, fn, lo, hi, hi_closed=False):
     return x
 
 
-def _torch_coef(max_norm, norm):
-    """torch.nn.utils.clip_grad_norm_'s coefficient, min(max_norm / (norm + 1e-6), 1)."""
-    return torch.clamp(max_norm / (norm + _EPS), max=1.0)
-
-
 class _AdaptiveClipper:
     """The shared step: norm, threshold from state, scale, state update."""
 
     name = "adaptive"
 
     def __init__(self, norm_type, nonfinite):
-        self.norm_type = _check_norm_type(norm_type, self.name)
+        self.norm_type = check_norm_type(norm_type, self.name)
         self.nonfinite = check_policy(nonfinite, self.name)
         self._state = None  # {name: tensor}, allocated on the first call
         self.found_inf = None  # 0-dim float32: 1.0 when the last norm was inf/NaN
@@ -93,7 +89,7 @@ class _AdaptiveClipper:
 
     def _host_step(self, norm, state, commit):
         """The same step on host floats, for CPU state in eager mode: (threshold, coef);
-        writes the new state into `state` (numpy views of the state tensors) if `commit`."""
+        writes the new state into the (CPU) state tensors `state` if `commit`."""
         raise NotImplementedError
 
     def _before_step(self):
@@ -103,25 +99,25 @@ class _AdaptiveClipper:
         raise NotImplementedError
 
     # -- the step --------------------------------------------------------------------
-    def __call__(self, parameters: TensorOrTensors) -> torch.Tensor:
+    def __call__(self, parameters: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
         """Clip the grads of `parameters` in place; returns the pre-clip global norm (0-dim,
         the grads' dtype, first grad's device), as clip_grad_norm_ does. Params without
         grads are skipped; with no grads at all nothing changes and tensor(0.) is returned."""
-        grads = _grads_of(parameters, self.name, warn_empty_generator=True)
+        grads = grads_of(parameters, self.name, warn_empty_generator=True)
         if not grads:
             return torch.tensor(0.0)
-        _check_grads(grads, self.name)
+        check_grads(grads, self.name)
         with torch.no_grad():
-            groups = _group_by_device(grads)
+            groups = group_by_device(grads)
             device = grads[0].device
-            norm = _combine_norms(_device_norms(groups, self.norm_type), self.norm_type, device)
+            norm = combine_norms(device_norms(groups, self.norm_type), self.norm_type, device)
             if self.nonfinite == "error":
-                _raise_if_nonfinite(norm, self.norm_type, _result_dtype(grads))  # before grads or state are touched
+                raise_if_nonfinite(norm, self.norm_type, result_dtype(grads))  # before grads or state are touched
             self._ensure_state(device)
             self._before_step()
             if device.type == "cpu" and self._HOST_PATH_ON_CPU and not torch.compiler.is_compiling():
                 self._call_on_host(norm, groups)
-                return norm.to(_result_dtype(grads))
+                return norm.to(result_dtype(grads))
             norm64 = norm.to(_STATE_DTYPE).reshape(1)
             threshold, coef, new_state = self._step(norm64, self._state)
             if self.nonfinite == "skip":
@@ -134,8 +130,8 @@ class _AdaptiveClipper:
                     old.copy_(new_state[key])
             self.found_inf.copy_(nonfinite_flag(norm))
             self._threshold.copy_(threshold)
-            _scale_groups(groups, coef.reshape(()))
-            return norm.to(_result_dtype(grads))
+            scale_groups(groups, coef.reshape(()))
+            return norm.to(result_dtype(grads))
 
     # On CPU the state already is host memory: reading it is no sync, and ~50 one-element
     # tensor ops (~3 us each in eager mode) would cost more than the clip. The same algorithm
@@ -146,12 +142,11 @@ class _AdaptiveClipper:
         n = float(norm)
         finite = math.isfinite(n)
         skip = self.nonfinite == "skip" and not finite
-        state = {k: v.numpy() for k, v in self._state.items()}  # views: writes land in the tensors
-        threshold, coef = self._host_step(n, state, commit=not skip)
-        self.found_inf.numpy()[...] = 0.0 if finite else 1.0
-        self._threshold.numpy()[0] = threshold
+        threshold, coef = self._host_step(n, self._state, commit=not skip)
+        self.found_inf.fill_(0.0 if finite else 1.0)
+        self._threshold.fill_(threshold)
         if not skip and coef != 1.0:  # a coefficient of exactly 1 stores nothing on either path
-            _scale_groups(groups, torch.tensor(coef, dtype=_STATE_DTYPE))
+            scale_groups(groups, torch.tensor(coef, dtype=_STATE_DTYPE))
 
     def _ensure_state(self, device):
         if self._state is None:
@@ -254,17 +249,17 @@ class AutoClip(_AdaptiveClipper):
             self._state["norms"] = grown
 
     def _host_step(self, norm, state, commit):
-        count, norms = int(state["count"][0]), state["norms"]
-        slot, held = count % norms.size, min(count + 1, norms.size)
+        count, norms = int(state["count"]), state["norms"]
+        slot, held = count % norms.numel(), min(count + 1, norms.numel())
         if commit:
             norms[slot] = norm
-            state["count"][0] = count + 1
+            state["count"].fill_(count + 1)
             window = norms[:held]  # slots fill from 0, so the held norms are the first ones
         else:
-            window = norms[:held].copy()
+            window = norms[:held].clone()
             window[slot] = norm
         threshold = _host_percentile(window, self.percentile)
-        return threshold, min(threshold / (norm + _EPS), 1.0)
+        return threshold, clip_coef(threshold, norm)
 
     def _step(self, norm, state):
         count, norms = state["count"], state["norms"]
@@ -273,21 +268,21 @@ class AutoClip(_AdaptiveClipper):
         norms = norms.scatter(0, slot, norm)
         held = torch.clamp(count + 1, max=capacity).to(_STATE_DTYPE)
         threshold = _percentile(norms, held, self.percentile)
-        return threshold, _torch_coef(threshold, norm), {"count": count + 1, "norms": norms}
+        return threshold, clip_coef(threshold, norm), {"count": count + 1, "norms": norms}
 
 
 def _host_percentile(values, percentile):
-    """numpy.percentile(values, percentile) (method 'linear'), by a partial sort of the two
-    ranks it needs: numpy.percentile's own overhead is most of the cost at these sizes."""
-    if np.isnan(values).any():
+    """numpy.percentile(values, percentile) (method 'linear') of a 1-D CPU tensor, as a
+    float: one sort, then the two ranks it needs on the host."""
+    ranked = torch.sort(values).values
+    if math.isnan(ranked[-1]):  # NaN sorts last; numpy returns NaN when any value is NaN
         return math.nan
     q = percentile / 100.0
-    virtual = (values.size - 1) * q  # numpy's virtual index for 'linear'
+    virtual = (ranked.numel() - 1) * q  # numpy's virtual index for 'linear'
     lo = math.floor(virtual)
     gamma = virtual - lo
-    hi = min(lo + 1, values.size - 1)
-    ranked = np.partition(values, (lo, hi))
-    a, b = float(ranked[lo]), float(ranked[hi])
+    pair = ranked[lo : lo + 2].tolist()  # ranked[lo], and ranked[hi] with hi = min(lo + 1, last)
+    a, b = pair[0], pair[-1]
     diff = b - a
     return b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma
 
@@ -346,7 +341,7 @@ class ZClip(_AdaptiveClipper):
         self.z_thresh = z
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", self.name, 1)
         self.max_grad_norm = (
-            None if max_grad_norm is None else _check_max_norm(max_grad_norm, self.name, "max_grad_norm")
+            None if max_grad_norm is None else check_max_norm(max_grad_norm, self.name, "max_grad_norm")
         )
         super().__init__(norm_type, nonfinite)
 
@@ -368,32 +363,33 @@ class ZClip(_AdaptiveClipper):
         }
 
     def _host_step(self, norm, state, commit):
-        count, mean, var = int(state["count"][0]), float(state["mean"][0]), float(state["var"][0])
+        count, mean, var = int(state["count"]), float(state["mean"]), float(state["var"])
         w, zt, alpha = self.warmup_steps, self.z_thresh, self.alpha
         cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
         if count < w:
-            coef = 1.0 if self.max_grad_norm is None else min(self.max_grad_norm / (norm + _EPS), 1.0)
+            coef = 1.0 if self.max_grad_norm is None else clip_coef(self.max_grad_norm, norm)
             if commit:
                 state["warmup_norms"][count] = norm
                 if count == w - 1:
-                    collected = [float(x) for x in state["warmup_norms"]]
+                    collected = state["warmup_norms"].tolist()
                     mean = sum(collected) / w
                     var = sum((x - mean) ** 2 for x in collected) / w
             threshold = cap
         else:
             std = var**0.5
-            z = (norm - mean) / (std + _EPS)
+            z = (norm - mean) / (std + _STD_EPS)
             spike = z > zt
             clip_to = mean + (zt * std) / (z / zt) if spike else math.nan
             limit = min(clip_to if spike else norm, cap)
-            coef = limit / (norm + _EPS) if norm > limit else 1.0
+            coef = limit / (norm + EPS) if norm > limit else 1.0  # the reference's test, torch's formula
             x = clip_to if spike else norm
             mean = alpha * mean + (1.0 - alpha) * x
             var = alpha * var + (1.0 - alpha) * (x - mean) ** 2
             threshold = min(clip_to, cap) if spike else cap
         if commit:
-            state["count"][0] = count + 1
-            state["mean"][0], state["var"][0] = mean, var
+            state["count"].fill_(count + 1)
+            state["mean"].fill_(mean)
+            state["var"].fill_(var)
         return threshold, coef
 
     def _step(self, norm, state):
@@ -409,17 +405,17 @@ class ZClip(_AdaptiveClipper):
         starts_now = count == w - 1
         warm_mean = warm.mean()
         warm_var = torch.square(warm - warm_mean).mean()
-        warm_coef = one if self.max_grad_norm is None else _torch_coef(self.max_grad_norm, norm)
+        warm_coef = one if self.max_grad_norm is None else clip_coef(self.max_grad_norm, norm)
 
         # After warm-up: z-score against the EMA (the reference's order of operations).
         std = torch.sqrt(var)
-        z = (norm - mean) / (std + _EPS)
+        z = (norm - mean) / (std + _STD_EPS)
         spike = torch.logical_and(torch.logical_not(in_warmup), z > zt)
         clip_to = mean + (zt * std) / (z / zt)
         limit = torch.where(spike, clip_to, norm)
         if self.max_grad_norm is not None:
             limit = torch.minimum(limit, torch.full_like(limit, cap))
-        adaptive_coef = torch.where(norm > limit, limit / (norm + _EPS), one)
+        adaptive_coef = torch.where(norm > limit, limit / (norm + EPS), one)
         ema_in = torch.where(spike, clip_to, norm)
         ema_mean = alpha * mean + (1.0 - alpha) * ema_in
         ema_var = alpha * var + (1.0 - alpha) * torch.square(ema_in - ema_mean)
