@@ -31,7 +31,7 @@ def path(request, monkeypatch):
 def where(request, monkeypatch):
     """The device a step runs on: CPU grads by either implementation (as `path`), or a GPU's
     grads (the tensor ops on the device). Returns the device."""
-    monkeypatch.setattr(fastclip.adaptive._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
+    monkeypatch.setattr(fastclip.thresholds._AdaptiveClipper, "_HOST_PATH_ON_CPU", request.param == "host")
     return request.param if request.param not in ("host", "tensor") else "cpu"
 
 
