@@ -105,7 +105,9 @@ def main(argv=None):
         if options.module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            if not getattr(sys.flags, "safe_path", False):  # python script.py puts the script's directory first on sys.path
+            if not getattr(
+                sys.flags, "safe_path", False
+            ):  # python script.py puts the script's directory first on sys.path
                 sys.path[0] = target if os.path.isdir(target) else os.path.dirname(os.path.realpath(target))
             runpy.run_path(target, run_name="__main__")
     finally:
