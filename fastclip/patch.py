@@ -34,6 +34,7 @@ last exit scan the loaded modules once (~15 ms with torch loaded): patch around
 training, not around each step.
 """
 
+import sys
 import threading
 
 import torch.nn.utils
@@ -68,7 +69,10 @@ class _Route:
         self.name, self.replacement = name, replacement
         self.homes = _TORCH_HOMES if name in TORCH_FUNCTIONS else (_TIMM_HOME,)
         # torch's (or timm's) function; timm's is known only once timm.utils.agc is imported.
-        self.original = getattr(torch.nn.utils, name) if name in TORCH_FUNCTIONS else None
+        if name in TORCH_FUNCTIONS:
+            self.original = getattr(torch.nn.utils, name)
+        else:
+            self.original = getattr(sys.modules.get(_TIMM_HOME), "adaptive_clip_grad", None)
         self.patches = 0  # active patches that selected it
         self.rebinders = 0  # ... and asked for rebind
         self.installed = []  # bindings in its homes
