@@ -30,8 +30,9 @@ torch's back too.
 Patches nest and overlap: each function stays replaced while any patch that selected
 it is active (rebound names: while any that asked for rebind is), whatever the order
 of exits; unpatch() ends them all. Thread-safe. The first patch of a function and the
-last exit scan the loaded modules once (~15 ms with torch loaded): patch around
-training, not around each step.
+last exit each scan the loaded modules (~12 ms each with torch and its distributed
+packages loaded, ~1,700 modules), as does rebind=True; a patch inside another costs
+microseconds. Patch around training, not around each step.
 """
 
 import sys
