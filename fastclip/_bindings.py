@@ -21,17 +21,13 @@ def _namespaces():
             yield name, namespace
 
 
-def find(objects, modules=None, skip=lambda name: False):
+def find(objects, skip=lambda name: False):
     """[(binding, object)] for every module-level name bound to one of `objects`
-    (identity, never the name) in `modules` (names; None: every loaded module) but
-    those for which skip(module name) is true."""
+    (identity, never the name) in the loaded modules but those for which
+    skip(module name) is true."""
     by_id = {id(o): o for o in objects}
-    if modules is None:
-        namespaces = _namespaces()
-    else:
-        namespaces = ((m, vars(sys.modules[m])) for m in modules if m in sys.modules)
     found = []
-    for name, namespace in namespaces:
+    for name, namespace in _namespaces():
         if skip(name):
             continue
         items = list(namespace.items())  # a copy: another thread may be adding names to it

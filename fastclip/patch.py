@@ -175,11 +175,13 @@ def patch_with(names, rebind, replacements):
     a function already replaced keeps the replacement it has."""
     with _lock:
         handle = _Patch(names, rebind)
-        new = [_Route(n, replacements[n]) for n in names if n not in _routes]
-        originals = [_routes[n].original if n in _routes else None for n in names] + [r.original for r in new]
-        originals = [o for o in originals if o is not None]
-        found = _bindings.find(originals + [r.replacement for r in new], skip=_is_fastclip) if new or rebind else []
-        for route in new:
+        new = {n: _Route(n, replacements[n]) for n in names if n not in _routes}
+        # One scan for both: the originals (the homes'; the rest for rebind) and the
+        # replacements' bindings made before the patch.
+        wanted = [r.original for r in (_routes.get(n) or new[n] for n in names) if r.original is not None]
+        wanted += [r.replacement for r in new.values()]
+        found = _bindings.find(wanted, skip=_is_fastclip) if new or rebind else []
+        for route in new.values():
             route.install(found)
             _routes[route.name] = route
         for name in names:

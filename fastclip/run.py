@@ -21,6 +21,7 @@ import os
 import runpy
 import sys
 
+from . import backend
 from .patch import REPLACEMENTS, TORCH_FUNCTIONS, patch_with, selection
 
 
@@ -79,11 +80,9 @@ def _counting(names):
 
 
 def _summary(counts):
-    import fastclip
-
     calls = " ".join(f"{name}={n}" for name, n in counts.items())
     rank = f" rank={os.environ['RANK']}" if "RANK" in os.environ else ""
-    return f"fastclip.run summary: backend={fastclip.backend()} {calls}{rank}"
+    return f"fastclip.run summary: backend={backend()} {calls}{rank}"
 
 
 def main(argv=None):
@@ -105,9 +104,8 @@ def main(argv=None):
         if options.module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            if not getattr(
-                sys.flags, "safe_path", False
-            ):  # python script.py puts the script's directory first on sys.path
+            # python script.py puts the script's directory first on sys.path (python -P: nothing)
+            if not getattr(sys.flags, "safe_path", False):
                 sys.path[0] = target if os.path.isdir(target) else os.path.dirname(os.path.realpath(target))
             runpy.run_path(target, run_name="__main__")
     finally:
