@@ -438,19 +438,6 @@ def patched_unchanged_fsdp2_loop(ctx):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def titan_clip(parameters, max_norm, norm_type):
-    """torchtitan's clip_grad_norm_ (distributed/utils.py, without pipeline parallelism):
-    torch's get_total_norm over the grads, the full norm of a DTensor one, then torch's
-    clip_grads_with_norm_, both looked up in torch.nn.utils at call time."""
-    parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type, False, None)
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, None)
-    return total_norm
-
-
 @case()
 def patched_torchtitan_clip_on_fsdp2(ctx):
     """torchtitan's clip, unchanged, on FSDP2 DTensor grads under fastclip.patch(): torch's
@@ -459,6 +446,7 @@ def patched_torchtitan_clip_on_fsdp2(ctx):
     the host."""
     from op_counts import CountOps
     from torch.distributed.tensor.debug import CommDebugMode
+    from torchtitan_clip import titan_clip
 
     for norm_type in (2.0, math.inf):
         ours, theirs = twin_fsdp(ctx)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.utils.clip_grad as torch_clip_grad
 from op_counts import CountOps
+from torchtitan_clip import titan_clip
 
 import fastclip
 from helpers import assert_grads_close, clone_params, make_params
@@ -246,16 +247,6 @@ def test_threads_patching_at_once(write_module):
         t.join()
     assert not errors, errors
     assert all_torch(module) and not fastclip.is_patched()
-
-
-def titan_clip(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
-    """torchtitan's clip_grad_norm_ (distributed/utils.py, without pipeline parallelism),
-    which calls torch at call time: the norm, then the scale by it."""
-    parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, None)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, None)
-    return total_norm
 
 
 def test_total_norm_then_scale_is_two_fused_passes_and_no_host_read():
