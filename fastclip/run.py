@@ -110,7 +110,10 @@ def main(argv=None):
             runpy.run_path(target, run_name="__main__")
     finally:
         if counts is not None:
-            print(_summary(counts), file=sys.stderr, flush=True)
+            # one write of the whole line: torchrun's ranks share stderr, and print() writes the
+            # newline apart, so two ranks' lines could run together
+            sys.stderr.write(_summary(counts) + "\n")
+            sys.stderr.flush()
 
 
 if __name__ == "__main__":
