@@ -438,6 +438,34 @@ def patched_unchanged_fsdp2_loop(ctx):
 
 
 @case()
+def patched_torchtitan_clip_on_fsdp2(ctx):
+    """torchtitan's clip, unchanged, on FSDP2 DTensor grads under fastclip.patch(): torch's
+    norm and grads, in two fused passes (the norm, the scale), one collective (the norm's
+    all-reduce; full_tensor() of the replicated norm adds none) and no read of a value on
+    the host."""
+    from op_counts import CountOps
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torchtitan_clip import titan_clip
+
+    for norm_type in (2.0, math.inf):
+        ours, theirs = twin_fsdp(ctx)
+        if math.isinf(norm_type):  # see torch_clip: torch's inf norm of the full grads
+            theirs = [plain_param(p.grad.full_tensor()) for p in theirs]
+        with fastclip.patch(), CountOps() as ops, CommDebugMode() as comm:
+            n_ours = titan_clip(ours, 0.1, norm_type)
+        assert ops.fused == ["total_norm", "scale_"] and ops.host_reads == 0, (ops.fused, ops.host_reads)
+        assert comm.get_total_counts() == 1, comm.get_comm_counts()
+        with CommDebugMode() as torch_comm:
+            n_torch = titan_clip(theirs, 0.1, norm_type)
+        if not math.isinf(norm_type):  # the count can fail: it sees the collective of torch's full_tensor()
+            assert torch_comm.get_total_counts() == 1, torch_comm.get_comm_counts()
+        assert not isinstance(n_ours, DTensor)
+        assert_norm_close(n_ours, n_torch)
+        assert full(n_ours) > 0.5  # it really clipped
+        assert_grads_close(ours, theirs)
+
+
+@case()
 def ddp_identical_on_every_rank(ctx):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
