@@ -2,13 +2,19 @@
 """Update-step benchmark: forward + backward + clip + optimizer step of the trainers' networks.
 
 What fastclip changes in a real RL update, not just in the clip call. For each network one
-update is timed end to end, with three clip variants in the same process, interleaved
-round-robin (the order rotates every repeat), each variant training its own identical copy of
-the network on the same pre-generated batches:
+update is timed end to end, with five variants in the same process, interleaved round-robin
+(the order rotates every repeat), each variant training its own identical copy of the network
+on the same pre-generated batches:
 
-  none       no clipping
-  torch      torch.nn.utils.clip_grad_norm_(params, max_norm)   (torch's default foreach=None)
-  fastclip   fastclip.clip_grad_norm_(params, max_norm)
+  none           no clipping, the plain step
+  torch          torch.nn.utils.clip_grad_norm_(params, max_norm) + step   (torch's default foreach=None)
+  fastclip       fastclip.clip_grad_norm_(params, max_norm) + step
+  clip_and_step  fastclip.clip_and_step_(optimizer, max_norm): the clip handed to torch's fused step
+  optim          fastclip.optim.Adam(..., max_grad_norm=max_norm).step(): the clip inside the update
+
+Adam steps with fused=True in every variant (torch's fastest step, the one clip_and_step_ drives);
+the last two variants need Adam, so a network stepping with RMSprop (a2c) runs only the first three
+unless --adam makes every network step with Adam (same lr).
 
 Networks (mirroring examples/dqn.py and examples/a2c.py defaults):
 
@@ -22,13 +28,15 @@ Networks (mirroring examples/dqn.py and examples/a2c.py defaults):
 
 Reported per network, first what the clip adds to an update (the variant's median update time
 minus the no-clip one: what a user's training loop pays for the clip, cold caches and fresh grads
-included), then the median update time per variant (µs), the update speed-up torch/fastclip, the
-median time of the clip call inside the update, and how often clipping actually happened.
-On CUDA the update is timed to a torch.cuda.synchronize() after the optimizer step and the clip
-call with CUDA events.
+included), then the median update time per variant (µs), the update speed-up torch/variant, the
+median time of clip plus step inside the update per variant, the median time of the clip call
+alone (torch and fastclip), and how often clipping actually happened.
+On CUDA the update is timed to a torch.cuda.synchronize() after the optimizer step, and the
+clip and clip-plus-step calls with CUDA events.
 
     python -m bench.bench_update --quick
     python -m bench.bench_update --nets dqn,a2c --threads 2 --json /tmp/update.json
+    python -m bench.bench_update --nets a2c --adam
     python -m bench.bench_update --device cuda
 """
 
@@ -65,7 +73,8 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-VARIANTS = ("none", "torch", "fastclip")
+VARIANTS = ("none", "torch", "fastclip", "clip_and_step", "optim")
+ADAM_ONLY = ("clip_and_step", "optim")  # the variants that need (fused) Adam
 
 # --------------------------------------------------------------------------------------------
 # Networks and their updates
@@ -201,60 +210,109 @@ NETS = {
 # --------------------------------------------------------------------------------------------
 
 
-def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None, seed=0, max_norm=None):
+def variant_optimizer(variant, fastclip, make_opt, params, max_norm, adam):
+    """The variant's optimizer, from the net's (make_opt): Adam with fused=True, or
+    fastclip.optim.Adam for "optim"; another optimizer as it is, or None where the variant
+    needs Adam. adam=True: Adam with the net's lr whatever the net steps with."""
+    opt = make_opt(params)
+    if not isinstance(opt, torch.optim.Adam) and not adam:
+        return None if variant in ADAM_ONLY else opt
+    keys = ("lr", "betas", "eps", "weight_decay", "amsgrad") if isinstance(opt, torch.optim.Adam) else ("lr",)
+    hyper = {k: opt.defaults[k] for k in keys}
+    if variant == "optim":
+        return fastclip.optim.Adam(params, max_grad_norm=max_norm, **hyper)
+    return torch.optim.Adam(params, fused=True, **hyper)
+
+
+def clip_and_step_of(variant, fastclip, opt, max_norm):
+    """The step of the variants that have no separate clip call: a function returning the
+    pre-clip norm (None for none)."""
+    if variant == "none":
+        return lambda: opt.step()
+    if variant == "clip_and_step":
+        return lambda: fastclip.clip_and_step_(opt, max_norm)
+
+    def optim_step():
+        opt.step()
+        return opt.grad_norm
+
+    return optim_step
+
+
+def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None, seed=0, max_norm=None, adam=False):
     desc, batch, factory, default_max_norm = NETS[name]
     max_norm = default_max_norm if max_norm is None else max_norm
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     base, make_opt, batches, loss_fn = factory(device, gen)
     cuda = device.type == "cuda"
-    clips = {"none": None, "torch": torch.nn.utils.clip_grad_norm_, "fastclip": fastclip.clip_grad_norm_}
     state = {}
     for v in VARIANTS:
         model = copy.deepcopy(base)
         params = list(model.parameters())
-        state[v] = {"model": model, "params": params, "opt": make_opt(params), "clip": clips[v], "k": 0}
+        opt = variant_optimizer(v, fastclip, make_opt, params, max_norm, adam)
+        if opt is None:
+            continue
+        state[v] = {"model": model, "params": params, "opt": opt, "k": 0}
+        state[v]["clip_step"] = clip_and_step_of(v, fastclip, opt, max_norm)
+    variants = list(state)
     n_params = sum(p.numel() for p in base.parameters())
     n_tensors = len(list(base.parameters()))
+
+    def timed(fn):
+        """fn() and its time in µs (CUDA events on the GPU)."""
+        if cuda:
+            e0 = torch.cuda.Event(enable_timing=True)
+            e1 = torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = fn()
+            e1.record()
+            return out, lambda: e0.elapsed_time(e1) * 1e3
+        c0 = time.perf_counter_ns()
+        out = fn()
+        us = (time.perf_counter_ns() - c0) / 1e3
+        return out, lambda: us
 
     def update(v, record):
         s = state[v]
         b = batches[s["k"] % len(batches)]
         s["k"] += 1
-        model, params, opt, clip = s["model"], s["params"], s["opt"], s["clip"]
+        model, params = s["model"], s["params"]
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter_ns()
         loss = loss_fn(model, b)
-        opt.zero_grad(set_to_none=True)
+        s["opt"].zero_grad(set_to_none=True)
         loss.backward()
-        if clip is not None:
-            if cuda:
-                e0 = torch.cuda.Event(enable_timing=True)
-                e1 = torch.cuda.Event(enable_timing=True)
-                e0.record()
-                norm = clip(params, max_norm)
-                e1.record()
-            else:
-                c0 = time.perf_counter_ns()
-                norm = clip(params, max_norm)
-                c1 = time.perf_counter_ns()
-        opt.step()
+        clip_us = None
+        if v in ("torch", "fastclip"):  # clip + step, and the clip call alone within it
+            clip = torch.nn.utils.clip_grad_norm_ if v == "torch" else fastclip.clip_grad_norm_
+
+            def clip_then_step():
+                clipped = timed(lambda: clip(params, max_norm))
+                s["opt"].step()
+                return clipped
+
+            (norm, clip_us), step_us = timed(clip_then_step)
+        else:
+            norm, step_us = timed(s["clip_step"])
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter_ns()
         if record is not None:
             record["update"].append((t1 - t0) / 1e3)
-            if clip is not None:
-                record["clip"].append(e0.elapsed_time(e1) * 1e3 if cuda else (c1 - c0) / 1e3)
+            record["clip_step"].append(step_us())
+            if clip_us is not None:
+                record["clip"].append(clip_us())
+            if norm is not None:
                 record["norms"].append(norm.detach())
 
     def one_round(k, records):
-        for j in range(len(VARIANTS)):
-            v = VARIANTS[(k + j) % len(VARIANTS)]
+        for j in range(len(variants)):
+            v = variants[(k + j) % len(variants)]
             update(v, None if records is None else records[v])
 
-    records = {v: {"update": [], "clip": [], "norms": []} for v in VARIANTS}
+    records = {v: {"update": [], "clip": [], "clip_step": [], "norms": []} for v in variants}
     repeats, warm = run_rounds(
         one_round, records, min_warm=5, warm_s=warm_s, budget_s=budget_s, rmin=rmin, rmax=rmax, repeats=repeats
     )
@@ -266,29 +324,34 @@ def bench_net(name, fastclip, device, warm_s, budget_s, rmin, rmax, repeats=None
         "params": n_params,
         "tensors": n_tensors,
         "max_grad_norm": max_norm,
+        "optimizer": type(state["torch"]["opt"]).__name__,
         "repeats": repeats,
         "warmup_rounds": warm,
         "variants": {},
     }
-    for v in VARIANTS:
+    for v in variants:
         r = records[v]
         d = {
             "update_median_us": statistics.median(r["update"]),
             "update_p25_us": statistics.quantiles(r["update"], n=4)[0],
             "update_p75_us": statistics.quantiles(r["update"], n=4)[2],
         }
+        if r["clip_step"]:
+            d["clip_step_median_us"] = statistics.median(r["clip_step"])
         if r["clip"]:
-            norms = torch.stack(r["norms"]).float().cpu()
             d["clip_median_us"] = statistics.median(r["clip"])
+        if r["norms"]:
+            norms = torch.stack(r["norms"]).float().cpu()
             d["clipped_fraction"] = float((norms > max_norm).float().mean())
             d["grad_norm_median"] = float(norms.median())
         res["variants"][v] = d
-    # Parity of the two clipped variants is not expected (they train separate copies with
+    # Parity of the clipped variants is not expected (they train separate copies with
     # different rounding); check the clip itself on the same grads instead.
     res["parity_max_rel_err"] = _parity(state["torch"], batches[0], loss_fn, fastclip, max_norm)
-    med = {v: res["variants"][v]["update_median_us"] for v in VARIANTS}
+    med = {v: res["variants"][v]["update_median_us"] for v in variants}
     res["update_speedup_torch_over_fastclip"] = med["torch"] / med["fastclip"]
-    res["clip_overhead_us"] = {"torch": med["torch"] - med["none"], "fastclip": med["fastclip"] - med["none"]}
+    res["update_speedup_torch_over"] = {v: med["torch"] / med[v] for v in variants if v != "torch"}
+    res["clip_overhead_us"] = {v: med[v] - med["none"] for v in variants if v != "none"}
     res["clip_call_speedup"] = (
         res["variants"]["torch"]["clip_median_us"] / res["variants"]["fastclip"]["clip_median_us"]
     )
@@ -324,44 +387,41 @@ def _parity(s, batch, loss_fn, fastclip, max_norm):
 # --------------------------------------------------------------------------------------------
 
 
+SHORT = {"none": "none", "torch": "torch", "fastclip": "fastclip", "clip_and_step": "c&s", "optim": "optim"}
+
+
 def print_table(rows, file=sys.stdout):
-    hdr = [
-        "net",
-        "batch",
-        "params",
-        "tensors",
-        "clip adds: torch us",
-        "clip adds: fastclip us",
-        "none us",
-        "torch us",
-        "fastclip us",
-        "update speed-up",
-        "clip torch us",
-        "clip fastclip us",
-        "clip speed-up",
-        "clipped %",
-    ]
+    """Two tables: whole updates (and what the clip adds to them), then clip plus step."""
+    hdr = ["net", "batch", "params", "tensors", "opt"]
+    hdr += [f"adds: {SHORT[v]} us" for v in VARIANTS[1:]]
+    hdr += [f"{SHORT[v]} us" for v in VARIANTS]
+    hdr += [f"speed-up {SHORT[v]}" for v in VARIANTS if v not in ("none", "torch")]
     table = []
     for r in rows:
         v = r["variants"]
-        table.append(
-            [
-                r["net"] + ("*" if r.get("noisy") else ""),
-                str(r["batch"]),
-                f"{r['params']:,}",
-                str(r["tensors"]),
-                fmt_us(r["clip_overhead_us"]["torch"]),
-                fmt_us(r["clip_overhead_us"]["fastclip"]),
-                fmt_us(v["none"]["update_median_us"]),
-                fmt_us(v["torch"]["update_median_us"]),
-                fmt_us(v["fastclip"]["update_median_us"]),
-                f"{r['update_speedup_torch_over_fastclip']:.3f}x",
-                fmt_us(v["torch"]["clip_median_us"]),
-                fmt_us(v["fastclip"]["clip_median_us"]),
-                f"{r['clip_call_speedup']:.2f}x",
-                f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
-            ]
-        )
+        row = [r["net"] + ("*" if r.get("noisy") else ""), str(r["batch"]), f"{r['params']:,}", str(r["tensors"])]
+        row.append(r["optimizer"])
+        row += [fmt_us(r["clip_overhead_us"].get(k)) for k in VARIANTS[1:]]
+        row += [fmt_us(v[k]["update_median_us"]) if k in v else "-" for k in VARIANTS]
+        speedups = r["update_speedup_torch_over"]
+        row += [f"{speedups[k]:.3f}x" if k in speedups else "-" for k in VARIANTS if k not in ("none", "torch")]
+        table.append(row)
+    print_aligned(hdr, table, left_cols=1, file=file)
+    print(file=file)
+    hdr = ["net"] + [f"clip+step {SHORT[k]} us" for k in VARIANTS]
+    hdr += ["clip torch us", "clip fastclip us", "clip speed-up", "clipped %"]
+    table = []
+    for r in rows:
+        v = r["variants"]
+        row = [r["net"] + ("*" if r.get("noisy") else "")]
+        row += [fmt_us(v[k].get("clip_step_median_us")) if k in v else "-" for k in VARIANTS]
+        row += [
+            fmt_us(v["torch"]["clip_median_us"]),
+            fmt_us(v["fastclip"]["clip_median_us"]),
+            f"{r['clip_call_speedup']:.2f}x",
+            f"{100 * v['fastclip']['clipped_fraction']:.0f}%",
+        ]
+        table.append(row)
     print_aligned(hdr, table, left_cols=1, file=file)
 
 
@@ -389,6 +449,12 @@ def main(argv=None):
         type=float,
         default=None,
         help="override every network's max_grad_norm (e.g. 1e-3 to clip on every update)",
+    )
+    ap.add_argument(
+        "--adam",
+        action="store_true",
+        help="every network steps with Adam(fused=True) at its own lr (a2c steps with RMSprop otherwise, "
+        "which has no fused step: clip_and_step and optim then do not run for it)",
     )
     ap.add_argument(
         "--json",
@@ -440,7 +506,17 @@ def main(argv=None):
             bar.set_postfix_str(n)
         with OtherLoad() as other:
             row = bench_net(
-                n, fastclip, device, warm_s, budget_s, rmin, rmax, args.repeats, args.seed, args.max_grad_norm
+                n,
+                fastclip,
+                device,
+                warm_s,
+                budget_s,
+                rmin,
+                rmax,
+                args.repeats,
+                args.seed,
+                args.max_grad_norm,
+                args.adam,
             )
         row["other_processes_cores"] = other.cores
         row["noisy"] = other.cores is not None and other.cores > NOISY_CORES
@@ -450,7 +526,8 @@ def main(argv=None):
     print_table(rows)
     print(
         f"\nmedian per update (forward + backward + clip + optimizer step), variants interleaved; "
-        f"update speed-up = torch / fastclip; {wall:.1f} s"
+        f"c&s = fastclip.clip_and_step_ with torch's fused Adam, optim = fastclip.optim.Adam; "
+        f"speed-up = torch update / variant update; {wall:.1f} s"
     )
     noisy = [f"{r['net']} ({r['other_processes_cores']:.2f})" for r in rows if r.get("noisy")]
     if noisy:

@@ -38,4 +38,21 @@ TORCH_LIBRARY(fastclip, m) {
   // shape and device). Kernels: csrc/cpu/agc_cpu.cpp, csrc/cuda/norms_cuda.cpp.
   m.def(
       "adaptive_clip_grad_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
+  // Adam/AdamW (torch's fused formulas, csrc/adam_math.h) with the global-norm
+  // clip inside: the p-norm of all grads (as total_norm computes it), then each
+  // param and its moments updated with its grad times
+  // min(max_norm / (norm + 1e-6), 1) (no clip when max_norm is None); the grads
+  // are not written. Param i belongs to group groups[i], whose hyperparameters
+  // are lrs/beta1s/... [groups[i]] (lr_tensors: empty, or one lr tensor per
+  // group, read instead of lrs). steps are incremented before use. GradScaler's
+  // protocol: grads divided by grad_scale (the norm is that of the unscaled
+  // grads), nothing updated (steps included) where found_inf is nonzero.
+  // Returns the norm in norm_dtype (default: total_norm's). Kernels:
+  // csrc/cpu/adam_cpu.cpp, csrc/cuda/adam_cuda.cpp.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] groups, float[] lrs, float[] beta1s, float[] beta2s, "
+      "float[] epss, float[] weight_decays, Tensor[] lr_tensors, bool amsgrad, bool maximize, "
+      "bool decoupled_weight_decay, float? max_norm, float norm_type, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, ScalarType? norm_dtype=None) -> Tensor");
 }

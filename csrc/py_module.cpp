@@ -3,6 +3,7 @@
 // C++ instead of per-tensor Python work.
 #include <torch/extension.h>
 
+#include "eager_adam.h"
 #include "eager_params.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "Whether the CUDA kernels were compiled into this build.");
   fastclip::eager::register_functions(m);  // clip_params, tensor_norms, per_layer_params, agc_params
+  fastclip::eager::register_adam(m);       // adam_groups
 }

@@ -46,6 +46,9 @@ class Args(common.Args):
     """optimizer (rmsprop as in the original A2C; sgd makes the step size follow the raw gradient)"""
     learning_rate: float = 1e-3
     """learning rate"""
+    fused_step: bool = False
+    """clip inside the optimizer step: fastclip.optim.Adam(max_grad_norm=...) instead of a clip call and
+    torch's Adam (needs --optimizer adam --clip fastclip --clip-mode global; docs/optim.md)"""
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over training"""
     gamma: float = 0.99
@@ -91,7 +94,9 @@ class Agent(nn.Module):
         return Categorical(logits=self.actor(x))
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, fused_step_max_norm: float | None = None) -> torch.optim.Optimizer:
+    if fused_step_max_norm is not None:  # Adam that clips inside its step (docs/optim.md)
+        return fastclip.optim.Adam(params, lr=lr, eps=1e-5, max_grad_norm=fused_step_max_norm)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-5)
     if name == "adam":
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_actions = int(envs.single_action_space.n)
 
     agent = Agent(obs_dim, n_actions, args.hidden).to(device)
-    optimizer = make_optimizer(args.optimizer, agent.parameters(), args.learning_rate)
+    fused_step_max_norm = args.max_grad_norm if args.fused_step else None
+    optimizer = make_optimizer(args.optimizer, agent.parameters(), args.learning_rate, fused_step_max_norm)
     clip_grad_norm_ = common.clip_function(args)  # fastclip.clip_grad_norm_ unless --clip / --clip-mode say otherwise
     monitor = fastclip.GradMonitor(agent, every=args.log_every, log_dir=run_dir) if args.monitor else None
     logger = common.UpdateLogger(run_dir, args, clip_grad_norm_)
@@ -203,8 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         if monitor is not None:
             monitor.record()  # every layer's gradient norm, before the clip
-        grad_norm = clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # the pre-clip norm, on the device
-        optimizer.step()
+        if args.fused_step:
+            optimizer.step()  # clips, then steps: one fused op
+            grad_norm = optimizer.grad_norm
+        else:
+            grad_norm = clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # the pre-clip norm, on the device
+            optimizer.step()
         logger.log_update(
             global_step,
             grad_norm=grad_norm,

@@ -113,6 +113,13 @@ def _problems(args) -> list[tuple[str, str]]:
         out.append(("clip_mode", f"{args.clip_mode} needs --clip fastclip (torch has no adaptive threshold)"))
     elif args.clip_mode != "global" and args.clip == "none":
         out.append(("clip_mode", f"{args.clip_mode} clips, so it needs --clip fastclip or --clip torch"))
+    if getattr(args, "fused_step", False):
+        if (args.clip, args.clip_mode) != ("fastclip", "global"):
+            out.append(
+                ("fused_step", "clips the global norm inside the step: it needs --clip fastclip --clip-mode global")
+            )
+        if getattr(args, "optimizer", "adam") != "adam":
+            out.append(("fused_step", f"fastclip.optim has Adam, not {args.optimizer}: add --optimizer adam"))
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -343,7 +350,9 @@ def finish_run(algo, args, logger, act, wall_s, global_step, diverged_at, device
         "total_timesteps": int(global_step),
         "wall_s": round(wall_s, 3),  # the training loop only
         "updates": logger.updates,
-        "clip_calls": 0 if args.clip == "none" else logger.updates,  # one per update
+        "clip_calls": 0
+        if args.clip == "none" or getattr(args, "fused_step", False)
+        else logger.updates,  # one per update
         # the share of updates whose global norm was clipped (-1: per-layer and agc decide per tensor or unit)
         "clip_fraction": -1.0 if -1 in logger.clipped else float(np.mean(logger.clipped)) if logger.clipped else 0.0,
         "grad_norm_p50": float(np.percentile(finite, 50)) if finite.size else None,

@@ -41,6 +41,9 @@ class Args(common.Args):
     """width of the two hidden layers of the Q-network"""
     learning_rate: float = 5e-4
     """Adam learning rate"""
+    fused_step: bool = False
+    """clip inside the optimizer step: fastclip.optim.Adam(max_grad_norm=...) instead of a clip call and
+    torch's Adam (needs --clip fastclip --clip-mode global; docs/optim.md)"""
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over training (steadies the final policy)"""
     buffer_size: int = 100_000
@@ -137,7 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     q_network = QNetwork(obs_dim, n_actions, args.hidden).to(device)
     target_network = QNetwork(obs_dim, n_actions, args.hidden).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    if args.fused_step:  # the clip inside the step (docs/optim.md)
+        optimizer = fastclip.optim.Adam(q_network.parameters(), lr=args.learning_rate, max_grad_norm=args.max_grad_norm)
+    else:
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     rb = ReplayBuffer(args.buffer_size, obs_dim, device, args.seed)
     clip_grad_norm_ = common.clip_function(args)  # fastclip.clip_grad_norm_ unless --clip / --clip-mode say otherwise
     monitor = fastclip.GradMonitor(q_network, every=args.log_every, log_dir=run_dir) if args.monitor else None
@@ -208,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
                 loss.backward()
                 if monitor is not None:
                     monitor.record()  # every layer's gradient norm, before the clip
-                grad_norm = clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # pre-clip, on the device
-                optimizer.step()
+                if args.fused_step:
+                    optimizer.step()  # clips, then steps: one fused op
+                    grad_norm = optimizer.grad_norm
+                else:
+                    grad_norm = clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # pre-clip, on the device
+                    optimizer.step()
                 logger.log_update(
                     global_step,
                     grad_norm=grad_norm,

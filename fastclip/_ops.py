@@ -65,6 +65,8 @@ clip_params = _C.clip_params if LOADED else None
 tensor_norms = _C.tensor_norms if LOADED else None
 per_layer_params = _C.per_layer_params if LOADED else None
 agc_params = _C.agc_params if LOADED else None
+# fastclip.optim's step (csrc/eager_adam.h).
+adam_groups = _C.adam_groups if LOADED else None
 
 if LOADED:
     # OpOverload handles: calling these skips the torch.ops attribute lookups.
@@ -74,6 +76,7 @@ if LOADED:
     per_tensor_norms = torch.ops.fastclip.per_tensor_norms.default
     clip_grad_norm_per_layer_ = torch.ops.fastclip.clip_grad_norm_per_layer_.default
     adaptive_clip_grad_ = torch.ops.fastclip.adaptive_clip_grad_.default
+    adam_step_ = torch.ops.fastclip.adam_step_.default
 
     def _norm_like(grads):
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
@@ -110,6 +113,33 @@ if LOADED:
     @torch.library.register_fake("fastclip::adaptive_clip_grad_")
     def _(params, grads, clip_factor, eps, norm_type):
         return None
+
+    @torch.library.register_fake("fastclip::adam_step_")
+    def _(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        groups,
+        lrs,
+        beta1s,
+        beta2s,
+        epss,
+        weight_decays,
+        lr_tensors,
+        amsgrad,
+        maximize,
+        decoupled_weight_decay,
+        max_norm,
+        norm_type,
+        grad_scale=None,
+        found_inf=None,
+        norm_dtype=None,
+    ):
+        norm = _norm_like(grads)
+        return norm if norm_dtype is None else norm.to(norm_dtype)
 
 
 def has_kernels(device_type):

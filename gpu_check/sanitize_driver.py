@@ -160,12 +160,30 @@ def _agc(grads):
     torch.ops.fastclip.adaptive_clip_grad_(params, [g.clone() for g in grads], 0.01, 1e-3, 2.0)
 
 
+def _adam(grads):
+    """fastclip.optim's op: Adam with amsgrad and a lr tensor on the device, then AdamW, params
+    and state laid out as their grads (a strided grad is staged through a copy)."""
+    n = len(grads)
+    device = grads[0].device
+    for amsgrad, decoupled in ((True, False), (False, True)):
+        params = [torch.randn(g.shape, device=device).to(g.dtype) for g in grads]
+        zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+        torch.ops.fastclip.adam_step_(
+            params, grads, zeros(), zeros(), zeros() if amsgrad else [],
+            [torch.zeros((), device=device) for _ in grads], [i % 2 for i in range(n)], [1e-3, 3e-3],
+            [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.0, 0.1],
+            [torch.tensor(1e-3, device=device), torch.tensor(3e-3, device=device)] if amsgrad else [],
+            amsgrad, False, decoupled, 0.5, 2.0,
+        )  # fmt: skip
+
+
 OP_RECIPES = {
     "total_norm": None,  # exercised by exercise_set
     "scale_": None,
     "clip_grad_norm_": None,
     "clip_grad_norm_per_layer_": _per_layer,
     "adaptive_clip_grad_": _agc,
+    "adam_step_": _adam,
 }
 
 

@@ -131,6 +131,35 @@ def _requires_grad(d):
     return lambda: ops.clip_grad_norm_(gs, 1.0, 2.0), [g.detach() for g in gs]
 
 
+def _adam(d, **change):
+    """fastclip::adam_step_ on two params of device d, `change` replacing arguments by name; the
+    params and steps must stay untouched."""
+    ps = grads_on(d, value=1.0)
+    args = {
+        "params": ps,
+        "grads": grads_on(d),
+        "exp_avgs": [torch.zeros(3, 4, device=d) for _ in ps],
+        "exp_avg_sqs": [torch.zeros(3, 4, device=d) for _ in ps],
+        "max_exp_avg_sqs": [],
+        "steps": [torch.zeros((), device=d) for _ in ps],
+        "groups": [0, 0],
+        "lrs": [1e-3],
+        "beta1s": [0.9],
+        "beta2s": [0.999],
+        "epss": [1e-8],
+        "weight_decays": [0.0],
+        "lr_tensors": [],
+        "amsgrad": False,
+        "maximize": False,
+        "decoupled_weight_decay": False,
+        "max_norm": 1.0,
+        "norm_type": 2.0,
+        "grad_scale": None,
+    }
+    args.update(change)
+    return lambda: ops.adam_step_(*args.values()), args["params"] + args["steps"]
+
+
 CASES = [
     ("int grad", "grads must be float32, float64, float16 or bfloat16", r"bfloat16, got Long", _int_grad, "both"),
     (
@@ -153,8 +182,15 @@ CASES = [
     (
         "requires grad",
         "clipping is not differentiable",
-        r"clip_grad_norm_: a grad that requires grad",
+        r"clip_grad_norm_: a tensor it writes in place requires grad",
         _requires_grad,
+        "both",
+    ),
+    (
+        "adam requires grad",
+        "clipping is not differentiable",
+        r"adam_step_: a tensor it writes in place requires grad",
+        lambda d: _adam(d, params=[p.requires_grad_() for p in grads_on(d, value=1.0)]),
         "both",
     ),
     ("overlap", "share part of their memory", r"grads 0 and 1 share part of their memory", _overlap, "both"),
@@ -180,6 +216,77 @@ CASES = [
         "two",
     ),
     ("agc param shape", ", its grad ", r"param 0 has shape \[4, 3\], its grad \[3, 4\]", _agc_param_shape, "both"),
+    (
+        "adam list lengths",
+        "must have one entry per param",
+        r"steps and groups must have one entry per param",
+        lambda d: _adam(d, grads=grads_on(d, n=1)),
+        "both",
+    ),
+    (
+        "adam amsgrad state",
+        "must hold one tensor per param with amsgrad",
+        r"max_exp_avg_sqs must hold one tensor per param with amsgrad, none without",
+        lambda d: _adam(d, amsgrad=True),
+        "both",
+    ),
+    (
+        "adam group values",
+        "need one value per group",
+        r"\(and lr_tensors, if any\) need one value per group",
+        lambda d: _adam(d, lrs=[1e-3, 1e-3]),
+        "both",
+    ),
+    ("adam group id", ": group ids must be in [0, ", r"in \[0, 1\), got 1", lambda d: _adam(d, groups=[0, 1]), "both"),
+    (
+        "adam param dtype",
+        "params must be float32, float64, float16 or bfloat16",
+        r"adam_step_: params must be .* bfloat16, got Long",
+        lambda d: _adam(d, params=[torch.ones(3, 4, dtype=torch.int64, device=d)] * 2),
+        "both",
+    ),
+    (
+        "adam params on two devices",
+        "all params must be on one device",
+        r"all params must be on one device, got (cuda:0 and cpu|cpu and cuda:0)",
+        lambda d: _adam(d, params=grads_on(d, n=1) + grads_on(other_device(d), n=1)),
+        "two",
+    ),
+    (
+        "adam state device",
+        "] is on ",
+        r"exp_avgs\[1\] is on (cpu|cuda:0), its param on (cuda:0|cpu)",
+        lambda d: _adam(d, exp_avgs=[torch.zeros(3, 4, device=d), torch.zeros(3, 4, device=other_device(d))]),
+        "two",
+    ),
+    (
+        "adam state dtype",
+        "] has dtype ",
+        r"exp_avg_sqs\[1\] has dtype Double, its param Float",
+        lambda d: _adam(d, exp_avg_sqs=[torch.zeros(3, 4, device=d), torch.zeros(3, 4, dtype=torch.float64, device=d)]),
+        "both",
+    ),
+    (
+        "adam state shape",
+        "] has shape ",
+        r"exp_avgs\[0\] has shape \[4, 3\], its param \[3, 4\]",
+        lambda d: _adam(d, exp_avgs=[torch.zeros(4, 3, device=d), torch.zeros(3, 4, device=d)]),
+        "both",
+    ),
+    (
+        "adam step dtype",
+        "must be a one-element float32 tensor on its param's device",
+        r"steps\[0\] must be a one-element float32 tensor",
+        lambda d: _adam(d, steps=[torch.zeros((), dtype=torch.float64, device=d)] * 2),
+        "both",
+    ),
+    (
+        "adam grad_scale",
+        " must be a one-element floating-point tensor on the params' device or the CPU",
+        r"grad_scale must be a one-element floating-point tensor",
+        lambda d: _adam(d, grad_scale=torch.ones(2, device=d)),
+        "both",
+    ),
 ]
 # Raised in the CUDA glue when a launch fails; reached on a GPU through FASTCLIP_CUDA_FAIL_LAUNCHES
 # (test_a_failed_launch_is_an_error_and_touches_nothing).

@@ -37,6 +37,21 @@ def test_a_clip_bumps_every_grads_version(device, clip):
     assert [p.grad._version for p in params] == [v + 1 for v in before]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_fused_adam_step_bumps_what_it_writes_as_torch_adam_does(device):
+    """Params, moments and steps are written in place by the step, as by torch's default (foreach)
+    Adam. (torch's fused=True Adam bumps only the steps: a param modified after autograd saved it
+    then goes unnoticed.)"""
+    for make in (torch.optim.Adam, lambda ps: fastclip.optim.Adam(ps, max_grad_norm=1.0)):
+        params = params_on(device)
+        opt = make(params)
+        opt.step()  # makes the state
+        state = [t for p in params for t in opt.state[p].values()]
+        before = [t._version for t in params + state]
+        opt.step()
+        assert all(t._version > v for t, v in zip(params + state, before)), type(opt)
+
+
 @pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 def test_a_modified_saved_grad_is_caught_by_autograd():
     """What the counter is for: a grad saved for a second backward (create_graph) and then
