@@ -32,7 +32,7 @@ import time
 import torch
 
 from bench.baselines import ItemAutoClip, ItemZClip
-from bench.bench_cpu import CASES, DTYPES, GradSet
+from bench.bench_cpu import CASES, grad_set
 from bench.common import (
     NOISY_CORES,
     OtherLoad,
@@ -62,7 +62,7 @@ PAIRS = (("autoclip", "autoclip_ref"), ("zclip", "zclip_ref"))
 
 
 def bench_cpu_case(fastclip, case, dtype, history, warm_s, budget_s, rmin, rmax):
-    gs = GradSet(CASES[case][1](), DTYPES[dtype])
+    gs = grad_set(case, dtype)
     methods = {}
     for name, (make, call) in variants(fastclip, history).items():
         clipper = make()
@@ -102,7 +102,7 @@ def _per_step_us(step, n):
 
 
 def bench_cuda_clip(fastclip, case, dtype, history, steps, repeats):
-    gs = GradSet(CASES[case][1](), DTYPES[dtype])
+    gs = grad_set(case, dtype)
     saved = [v.cuda() for v in gs.saved_views]
     params = [torch.nn.Parameter(torch.empty_like(v)) for v in saved]
     for p, v in zip(params, saved):

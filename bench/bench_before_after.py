@@ -23,7 +23,7 @@ import tempfile
 import torch
 from torch.utils import cpp_extension
 
-from .bench_cpu import CASES, DTYPES, GradSet
+from .bench_cpu import CASES, grad_set
 from .common import environment_info, fmt_us, print_aligned, stats, time_interleaved
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -112,9 +112,9 @@ def main(argv=None):
     ops = {"before": build(args.before, "fastclip_before"), "after": build(args.after, "fastclip_after")}
     rows = []
     for case in args.cases.split(","):
-        desc, shapes_fn, _ = CASES[case]
+        desc = CASES[case][0]
         for d in args.dtypes.split(","):
-            gs = GradSet(shapes_fn(), DTYPES[d])
+            gs = grad_set(case, d)
             methods = {
                 name: (lambda op=op, gs=gs: op.clip_grad_norm_(gs.grads, gs.max_norm, 2.0), gs.restore)
                 for name, op in ops.items()

@@ -11,8 +11,9 @@ interleaved round-robin (the order rotates every repeat):
 
 max_norm is 1e-3 of the true norm, so every call really scales every gradient. Before each timed
 call the gradients (or the probe buffer) are restored from a saved copy, outside the timed region,
-so the clip coefficient is the same ~1e-3 on every repeat. Times are medians over the repeats after
-a warm-up.
+so the clip coefficient is the same ~1e-3 on every repeat; in the `mlp-bw` case they are instead
+new tensors from a real backward() of the MLP, as a trainer clips them (the same values every
+time). Times are medians over the repeats after a warm-up.
 
 Bandwidth floor: clipping must read every element twice (norm pass, scale pass) and write it once,
 12 bytes per fp32 element (6 per bf16). The in-place mul_ on an fp32 buffer of the same byte size
@@ -75,6 +76,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # name -> (description, shapes fn, target speed-up over the best torch variant)
 CASES = {
     "mlp": ("MLP 4-64-64-2", mlp_shapes, 10.0),
+    "mlp-bw": ("MLP 4-64-64-2, grads fresh from backward()", mlp_shapes, 10.0),
     "cnn": ("Nature DQN CNN", nature_cnn_shapes, 1.5),
     "gpt2": ("GPT-2-like x2 blocks", gpt2_blocks_shapes, 1.5),
     "big": ("one 64M tensor", big_shapes, 1.5),
@@ -141,6 +143,37 @@ class GradSet:
     @property
     def nbytes(self):
         return self.numel * self.saved.element_size()
+
+
+class AfterBackward(GradSet):
+    """The MLP's grads as a trainer holds them when it clips: new tensors from a real backward()
+    after zero_grad(set_to_none=True) before every call. Right after a backward pass the first
+    op of any kind runs with cold caches (torch.empty(()) costs ~4x its steady-stream time
+    there); the other cases re-clip grads that a copy has just warmed."""
+
+    def __init__(self, shapes, dtype, seed=0):
+        torch.manual_seed(seed)
+        sizes = [shapes[0][1]] + [w[0] for w in shapes[::2]]  # 4, 64, 64, 2
+        layers = []
+        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+            layers += [torch.nn.Linear(n_in, n_out)] + ([torch.nn.Tanh()] if i < len(sizes) - 2 else [])
+        self.model = torch.nn.Sequential(*layers).to(dtype)
+        self.x = torch.randn(128, sizes[0], dtype=dtype)
+        super().__init__(shapes, dtype, seed)  # its restore() is the backward below
+        self.saved.copy_(torch.cat([g.reshape(-1) for g in self.grads]))  # what every backward gives
+        self.norm64 = float(torch.linalg.vector_norm(self.saved, dtype=torch.float64))
+        self.max_norm = 1e-3 * self.norm64
+
+    def restore(self):
+        self.model.zero_grad(set_to_none=True)
+        self.model(self.x).pow(2).mean().backward()
+        self.params = list(self.model.parameters())
+        self.grads = [p.grad for p in self.params]
+
+
+def grad_set(case, dtype):
+    """The GradSet of a case of CASES, for a dtype name of DTYPES."""
+    return (AfterBackward if case == "mlp-bw" else GradSet)(CASES[case][1](), DTYPES[dtype])
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +392,7 @@ def main(argv=None):
         if bar is not None:
             bar.set_postfix_str(f"{c} {d}")
         shapes = shapes_fn()
-        gs = GradSet(shapes, DTYPES[d])
+        gs = grad_set(c, d)
         row = {
             "case": c,
             "description": desc,

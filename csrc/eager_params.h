@@ -31,14 +31,39 @@ inline bool plain(const at::Tensor& t) {
   return t.layout() == at::kStrided && is_fused_dtype(t.scalar_type()) && !t.key_set().has(c10::DispatchKey::Python);
 }
 
-// The defined grads (and, with `params`, their parameters) of a list of
-// parameters, all plain and on one device with kernels. False: take the Python path.
-inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std::vector<at::Tensor>* params) {
-  grads.reserve(seq.size());
-  if (params != nullptr) params->reserve(seq.size());
-  for (const py::handle item : seq) {
-    if (!THPVariable_Check(item.ptr())) return false;
-    const at::Tensor& p = THPVariable_Unpack(item.ptr());
+// A Python float or int as a double; false for anything else (bool, numpy
+// scalars, tensors, strings: the Python path converts or refuses those).
+inline bool plain_number(py::handle h, double& out) {
+  PyObject* o = h.ptr();
+  if (PyFloat_CheckExact(o)) {
+    out = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (!PyLong_CheckExact(o)) return false;
+  out = PyLong_AsDouble(o);
+  if (out == -1.0 && PyErr_Occurred()) {  // an int beyond a double's range
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// The defined grads (and, with `params`, their parameters) of a tensor or a
+// list or tuple of parameters, all plain and on one device with kernels. False:
+// take the Python path (which also consumes generators and other iterables).
+inline bool gather(py::handle obj, std::vector<at::Tensor>& grads, std::vector<at::Tensor>* params) {
+  PyObject* one = obj.ptr();
+  PyObject* const* items = &one;
+  Py_ssize_t size = 1;
+  if (PyList_CheckExact(one) || PyTuple_CheckExact(one)) {
+    items = PySequence_Fast_ITEMS(one);
+    size = PySequence_Fast_GET_SIZE(one);
+  }
+  grads.reserve(size);
+  if (params != nullptr) params->reserve(size);
+  for (Py_ssize_t i = 0; i < size; ++i) {
+    if (!THPVariable_Check(items[i])) return false;
+    const at::Tensor& p = THPVariable_Unpack(items[i]);
     const at::Tensor& g = p.mutable_grad();  // grad() would also ask whether p is a leaf, to warn
     if (!g.defined()) continue;
     if (!plain(g) || (grads.empty() ? !has_kernels(g.device()) : g.device() != grads[0].device())) return false;
@@ -51,11 +76,19 @@ inline bool gather(const py::sequence& seq, std::vector<at::Tensor>& grads, std:
   return !grads.empty();
 }
 
-// clip_grad_norm_ for a list/tuple of parameters on one device, p > 0, no error
-// check. Returns the norm in torch's dtype (the grads' dtypes promoted), or None.
-inline py::object clip_params(const py::sequence& seq, double max_norm, double norm_type) {
+// clip_grad_norm_ for a tensor or a list/tuple of parameters on one device, a
+// float or int max_norm >= 0 and norm_type > 0, no error check. Called first
+// thing by fastclip.clip_grad_norm_, before any Python check: it returns the norm
+// in torch's dtype (the grads' dtypes promoted), or None for anything else, so
+// that the Python path checks it and raises its own clear error.
+inline py::object clip_params(py::handle params, py::handle max_norm_obj, py::handle norm_type_obj) {
+  double max_norm = 0.0, norm_type = 0.0;
+  if (!plain_number(max_norm_obj, max_norm) || !plain_number(norm_type_obj, norm_type) || !(max_norm >= 0.0) ||
+      !(norm_type > 0.0)) {
+    return py::none();
+  }
   std::vector<at::Tensor> grads;
-  if (!gather(seq, grads, nullptr)) return py::none();
+  if (!gather(params, grads, nullptr)) return py::none();
   at::ScalarType dtype = grads[0].scalar_type();
   for (const at::Tensor& g : grads) dtype = c10::promoteTypes(dtype, g.scalar_type());
   static const auto op = c10::Dispatcher::singleton()
@@ -94,7 +127,7 @@ inline py::object tensor_norms(const py::sequence& seq, double norm_type) {
 }
 
 // clip_grad_norm_per_layer_(params, max_norm, norm_type), one group per grad.
-inline py::object per_layer_params(const py::sequence& seq, double max_norm, double norm_type) {
+inline py::object per_layer_params(py::handle seq, double max_norm, double norm_type) {
   std::vector<at::Tensor> grads;
   if (!gather(seq, grads, nullptr)) return py::none();
   static const auto op = c10::Dispatcher::singleton()
@@ -110,7 +143,7 @@ inline py::object per_layer_params(const py::sequence& seq, double max_norm, dou
 }
 
 // adaptive_clip_grad_(params, clip_factor, eps, norm_type). True when done.
-inline bool agc_params(const py::sequence& seq, double clip_factor, double eps, double norm_type) {
+inline bool agc_params(py::handle seq, double clip_factor, double eps, double norm_type) {
   std::vector<at::Tensor> grads, params;
   if (!gather(seq, grads, &params)) return false;
   static const auto op = c10::Dispatcher::singleton()

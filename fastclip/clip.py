@@ -191,6 +191,15 @@ def clip_grad_norm_(
         vector): a 0-dim tensor in the gradients' dtype on the first gradient's device.
     """
     fn = "clip_grad_norm_"
+    fast = _ops.clip_params is not None and not error_if_nonfinite and group is None and found_inf is None
+    if fast and nonfinite == "torch" and not compiling():
+        # The eager hot path, before any Python work: grads read, checked and clipped in C++
+        # (csrc/eager_params.h). It declines (None), touching nothing, whatever is not a plain
+        # list/tuple/tensor of parameters on one device with float arguments (bad input,
+        # generators, DTensor grads): the code below then checks, converts or raises.
+        norm = _ops.clip_params(parameters, max_norm, norm_type)
+        if norm is not None:
+            return norm
     if nonfinite != "torch" or found_inf is not None:  # the keyword-only non-finite policy
         return _clip_grad_norm_policy(
             parameters, max_norm, norm_type, error_if_nonfinite, nonfinite, found_inf, group, fn
@@ -203,10 +212,7 @@ def clip_grad_norm_(
         params = as_list(parameters, fn, "parameters", warn_empty_generator=True)
     max_norm = check_max_norm(max_norm, fn)
     norm_type = check_norm_type(norm_type, fn)
-    eager = _ops.clip_params is not None and norm_type > 0 and not error_if_nonfinite and not compiling()
-    if eager and group is None:
-        # The eager hot path: grads read, checked and clipped in C++ (csrc/eager_params.h). It
-        # declines (None) DTensor grads, which dispatch to Python, so they cost it nothing.
+    if fast and not compiling():  # converted (a generator now a list, a numpy max_norm a float): try again
         norm = _ops.clip_params(params, max_norm, norm_type)
         if norm is not None:
             return norm

@@ -24,10 +24,10 @@ from typing import Literal
 import torch
 
 from ._grads import (
+    EPS,
     check_grads,
     check_max_norm,
     check_norm_type,
-    clip_coef,
     combine_norms,
     device_norms,
     group_by_device,
@@ -97,7 +97,9 @@ def clip_and_step_(
             norm = norm / scaler._get_scale_async().to(norm)  # the grads still carry the scale
         if nonfinite == "error":
             raise_if_nonfinite(norm, norm_type, dtype)
-        grad_scale = torch.reciprocal(clip_coef(max_norm, norm)).to(torch.float32)
+        # 1 / min(max_norm / (norm + 1e-6), 1) in float64, in three ops on a fresh tensor
+        # (exactly 1 when unclipped; inf for max_norm 0; NaN stays NaN).
+        grad_scale = (norm + EPS).div_(max_norm).clamp_(min=1.0).to(torch.float32)
         found_inf = nonfinite_flag(norm) if nonfinite == "skip" else None
     _step(optimizer, scaler, grad_scale, found_inf)
     return norm.to(dtype)

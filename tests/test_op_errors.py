@@ -378,10 +378,11 @@ def test_eager_entries_raise_the_ops_errors(device):
         _ops.per_layer_params(overlapping, 1.0, 2.0)
     assert torch.equal(base, torch.full((10,), 10.0, device=device))
     params = params_on(device, grads_on(device))
-    with pytest.raises(RuntimeError, match="norm_type must be > 0"):
-        _ops.clip_params(params, 1.0, -1.0)
-    with pytest.raises(RuntimeError, match="max_norm must be a non-negative number"):
-        _ops.clip_params(params, -1.0, 2.0)
+    # clip_params runs before any Python check: it declines bad scalars (None), for the
+    # Python path to raise its own error.
+    for max_norm, norm_type in ((1.0, -1.0), (1.0, 0.0), (-1.0, 2.0), (float("nan"), 2.0), ("one", 2.0), (True, 2.0)):
+        assert _ops.clip_params(params, max_norm, norm_type) is None
+    assert _ops.clip_params(iter(params), 1.0, 2.0) is None  # generators: the Python path consumes them
     with pytest.raises(RuntimeError, match="norm_type must be > 0"):
         _ops.tensor_norms([p.grad for p in params], 0.0)
     with pytest.raises(RuntimeError, match="max_norm must be a non-negative number"):
@@ -389,7 +390,7 @@ def test_eager_entries_raise_the_ops_errors(device):
     with pytest.raises(RuntimeError, match="clip_factor and eps must be non-negative"):
         _ops.agc_params(params, -1.0, 1e-3, 2.0)
     with pytest.raises(TypeError):  # pybind's own argument check
-        _ops.clip_params(params, "one", 2.0)
+        _ops.per_layer_params(params, "one", 2.0)
     assert all(torch.equal(p.grad, torch.full((3, 4), 10.0, device=device)) for p in params)
 
 

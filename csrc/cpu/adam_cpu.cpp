@@ -3,13 +3,12 @@
 // applied to each gradient as it is read, so the grads are never scaled in
 // memory.
 //
-// Pass 1 is fastclip::total_norm itself (called through the dispatcher): the
-// same chunked index space, the same partials in the same order, so the norm
-// is bitwise the one fastclip.clip_grad_norm_ computes. Pass 2 walks the
+// Pass 1 is fastclip::total_norm's own pass (chunks.h: grads_norm): the same
+// chunked index space, the same partials in the same order, so the norm is
+// bitwise the one fastclip.clip_grad_norm_ computes. Pass 2 walks the
 // params' chunks (chunks.h) on the same thread split and updates each chunk's
 // params and moments in one vectorised sweep (csrc/adam_math.h). Bytes: the
 // grads are read twice, params and moments read and written once.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -176,24 +175,6 @@ double read_double(const at::Tensor& t) {
   }
 }
 
-at::Tensor scalar_tensor(double value, at::ScalarType dtype) {
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
-  switch (dtype) {
-    case at::kDouble: *out.data_ptr<double>() = value; break;
-    case at::kFloat: *out.data_ptr<float>() = static_cast<float>(value); break;
-    case at::kHalf: *out.data_ptr<Half>() = static_cast<float>(value); break;
-    default: *out.data_ptr<BFloat16>() = static_cast<float>(value); break;
-  }
-  return out;
-}
-
-at::Tensor total_norm_of(at::TensorList grads, double norm_type) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastclip::total_norm", "")
-                             .typed<at::Tensor(at::TensorList, double, std::optional<at::ScalarType>)>();
-  return op.call(grads, norm_type, at::kDouble);
-}
-
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                          at::IntArrayRef groups, at::ArrayRef<double> lrs, at::ArrayRef<double> beta1s,
@@ -224,8 +205,8 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   if (params.empty()) return at::zeros({}, at::TensorOptions().dtype(out_dtype));
 
   const double scale = grad_scale ? read_double(*grad_scale) : 1.0;  // GradScaler's: the grads carry it
-  const double norm = read_double(total_norm_of(grads, norm_type)) / scale;
-  const at::Tensor norm_out = scalar_tensor(norm, out_dtype);
+  const double norm = grads_norm(grads, norm_type, kAdamOp) / scale;
+  const at::Tensor norm_out = norm_tensor(norm, out_dtype);
   if (found_inf && read_double(*found_inf) != 0.0) return norm_out;  // GradScaler: skip the step, count included
 
   std::vector<AdamHyper> hyper;

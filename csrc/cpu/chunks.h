@@ -67,6 +67,14 @@ inline int64_t add_span(GradSet& set, const at::Tensor& g) {
   return static_cast<int64_t>(set.spans.size()) - 1;
 }
 
+// Defined in clip_cpu.cpp. The p-norm of all grads as total_norm computes it (the
+// same chunks and partials: bitwise the same), after make_grad_set's checks.
+double grads_norm(at::TensorList grads, double norm_type, const char* op);
+// A 0-dim CPU tensor of `dtype` holding `value`, made as torch's CPU kernels make
+// their outputs: not a trip through the dispatcher, which costs a small model's
+// call a tenth of its time.
+at::Tensor norm_tensor(double value, at::ScalarType dtype);
+
 inline GradSet make_grad_set(at::TensorList grads, const char* op) {
   check_grads(grads, op);
   const std::vector<bool> repeated = repeated_grads(grads, op);

@@ -86,19 +86,6 @@ void scale_grads(const GradSet& set, double coef) {
   copy_back(set);
 }
 
-at::Tensor norm_tensor(double norm, at::ScalarType dtype) {
-  // The CPU allocation itself, as torch's CPU kernels make their outputs: not a trip through
-  // the dispatcher, which costs a small model's call a tenth of its time.
-  at::Tensor out = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
-  switch (dtype) {
-    case at::kDouble: *out.data_ptr<double>() = norm; break;
-    case at::kFloat: *out.data_ptr<float>() = static_cast<float>(norm); break;
-    case at::kHalf: *out.data_ptr<Half>() = static_cast<float>(norm); break;
-    default: *out.data_ptr<BFloat16>() = static_cast<float>(norm); break;
-  }
-  return out;
-}
-
 // ---- ops ----------------------------------------------------------------------
 
 at::Tensor total_norm_cpu(at::TensorList grads, double norm_type, std::optional<at::ScalarType> requested) {
@@ -128,6 +115,25 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm
 }
 
 }  // namespace
+
+namespace cpu {
+
+double grads_norm(at::TensorList grads, double norm_type, const char* op) {
+  return global_norm(make_grad_set(grads, op), norm_type);
+}
+
+at::Tensor norm_tensor(double norm, at::ScalarType dtype) {
+  at::Tensor out = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
+  switch (dtype) {
+    case at::kDouble: *out.data_ptr<double>() = norm; break;
+    case at::kFloat: *out.data_ptr<float>() = static_cast<float>(norm); break;
+    case at::kHalf: *out.data_ptr<Half>() = static_cast<float>(norm); break;
+    default: *out.data_ptr<BFloat16>() = static_cast<float>(norm); break;
+  }
+  return out;
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("total_norm", &total_norm_cpu);
