@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gpu_check import build_cache as gpu_build_cache
+from gpu_check import dry_run as gpu_dry_run
+from gpu_check import summary as gpu_summary
 
-from gpu_check import build_cache as gpu_build_cache  # noqa: E402
-from gpu_check import dry_run as gpu_dry_run  # noqa: E402
-from gpu_check import summary as gpu_summary  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = REPO / "gpu_check" / "run.sh"
 
