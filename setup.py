@@ -14,7 +14,8 @@ toolkit is found (no GPU is needed at build time). Environment overrides:
   FASTCLIP_FORCE_CPU=1   never build the CUDA backend
   FASTCLIP_FORCE_CUDA=1  build it even if detection says no (fails loudly if it can't)
   FASTCLIP_CPU_ISA=default  build the CPU operator for baseline x86-64 instead of
-                         AVX2 (used by default when this machine's CPU has it)
+                         AVX512 or AVX2 (by default the widest of the two that
+                         torch's own kernels use on this machine); =avx2: at most AVX2
   DEBUG=1                -O0 -g, for gdb / compute-sanitizer line numbers
 
 The extension always links the shared C++ runtime (RUNTIME_LINK_FLAGS), and every
@@ -69,11 +70,17 @@ def _sources(subdir, pattern):
 
 def _cpu_isa_flags(torch):
     """at::vec picks its SIMD width from CPU_CAPABILITY macros at compile time.
-    We build from source on the machine that runs the code, so use AVX2 when
-    its CPU (as torch sees it) has it; otherwise the generic, slower path."""
-    if os.environ.get("FASTCLIP_CPU_ISA", "auto").lower() == "default":
+    We build from source on the machine that runs the code, so use the widest ISA
+    torch's own kernels use on its CPU (AVX512 or AVX2, with torch's flags for it);
+    otherwise the generic, slower path. FASTCLIP_CPU_ISA=avx2 caps it at AVX2."""
+    isa = os.environ.get("FASTCLIP_CPU_ISA", "auto").lower()
+    if isa == "default":
         return []
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and isa != "avx2":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # fmt: skip
+    if capability in ("AVX2", "AVX512"):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
 
