@@ -62,25 +62,39 @@ TIMEOUT_S = 180
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def torchrun(tmp_path, name, args):
-    """Run torchrun with `args` in tmp_path; (stderr, [report of rank 0, of rank 1])."""
-    reports = tmp_path / f"reports-{name}"  # not a folder named fastclip: python -m would import it
-    reports.mkdir()
-    env = dict(os.environ, REPORT_DIR=str(reports), OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *args]
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out, [json.load(open(reports / f"rank{r}.json")) for r in range(2)]
+# torch's gloo backend now and then aborts a rank while the interpreter shuts down, after the
+# script has finished and destroyed its process group: a gloo worker thread still alive at
+# finalization (pytorch/pytorch#179291). Seen twice in about 30 runs here, both while other work
+# loaded the 2 cores; earlier, before the script's barrier, a plain torchrun of it (no launcher)
+# aborted about once in 12.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(tmp_path, name, args, attempts=2):
+    """Run torchrun with `args` in tmp_path; (stderr, [report of rank 0, of rank 1]). A run that
+    fails only by torch's teardown abort is run once more; any other failure fails the test."""
+    for attempt in range(attempts):
+        reports = tmp_path / f"reports-{name}-{attempt}"  # not a folder named fastclip: python -m would import it
+        reports.mkdir()
+        env = dict(os.environ, REPORT_DIR=str(reports), OMP_NUM_THREADS="1")
+        if sys.platform.startswith("linux"):
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *args]
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            out, _ = proc.communicate()
+            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{out[-3000:]}")
+        if proc.returncode == 0:
+            return out, [json.load(open(reports / f"rank{r}.json")) for r in range(2)]
+        teardown_only = TEARDOWN_ABORT in out and all((reports / f"rank{r}.json").exists() for r in range(2))
+        if not teardown_only or attempt == attempts - 1:
+            pytest.fail(f"torchrun exited with {proc.returncode}:\n{out[-3000:]}")
 
 
 def test_torchrun_runs_every_rank_through_the_launcher(tmp_path):
