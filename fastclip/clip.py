@@ -1,12 +1,12 @@
 """torch.nn.utils' clipping API, fused: clip_grad_norm_ (clip_), get_total_norm,
 clip_grads_with_norm_ and clip_grad_value_, with the same signatures and semantics.
 
-Data path: clip_grad_norm_ checks its scalar arguments and, in eager mode,
-hands the parameter list to fastclip._C.clip_params (csrc/eager_params.h), which
-reads and checks every .grad in C++ and calls torch.ops.fastclip.clip_grad_norm_
-(schema: csrc/ops.cpp; kernels: csrc/cpu/clip_cpu.cpp, csrc/cuda/clip_cuda.cpp).
-Everything else (bad input and its errors, several devices,
-error_if_nonfinite, tracing under torch.compile) takes the Python path below:
+Data path: in eager mode clip_grad_norm_ first hands its arguments as they are
+to fastclip._C.clip_params (csrc/eager_params.h), which reads and checks them and
+every .grad in C++ and calls torch.ops.fastclip.clip_grad_norm_ (schema:
+csrc/ops.cpp; kernels: csrc/cpu/clip_cpu.cpp, csrc/cuda/clip_cuda.cpp).
+Everything it declines (bad input and its errors, generators, several devices)
+and error_if_nonfinite or tracing under torch.compile take the Python path below:
 group by device, one op per device (fastclip/_grads.py). Inputs the fused ops
 do not take (p <= 0, complex grads, devices without kernels) go through
 fastclip/_reference.py, as does everything when the extension did not load.
