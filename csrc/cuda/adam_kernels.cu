@@ -33,8 +33,6 @@
 namespace fastclip::gpu {
 namespace {
 
-// Up to this many partials every block reduces them itself (clip_kernels.cu).
-constexpr int64_t kRedundantReduceMax = 4096;
 // Descriptors in the kernel parameter space (an AdamTensorDesc is 128 bytes):
 // a small array for small models, one of ~25 KB, then a device table.
 constexpr int kAdamInlineSmall = 16;
@@ -45,15 +43,7 @@ constexpr int kAdamInlineLarge = 24;  // 4 KB parameter limit
 #endif
 
 template <int Cap>
-struct AdamDescs {
-  AdamTensorDesc d[Cap];
-  __device__ const AdamTensorDesc& operator[](int i) const { return d[i]; }
-};
-template <>
-struct AdamDescs<0> {
-  const AdamTensorDesc* d;
-  __device__ const AdamTensorDesc& operator[](int i) const { return d[i]; }
-};
+using AdamDescs = Descs<Cap, AdamTensorDesc>;
 
 // The launch's device scratch (none for the small kernel).
 struct Work {
@@ -69,12 +59,6 @@ struct AdamArgs {
   AdamDescs<Cap> t;
   AdamJob job;
   Work w;
-};
-
-struct UploadAdamArgs {
-  AdamTensorDesc d[kAdamInlineLarge];
-  int count;
-  AdamTensorDesc* dst;
 };
 
 // ---- where a tile is -------------------------------------------------------------
@@ -377,29 +361,11 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   update(a.t, a.w, a.w.scalars, false, __ldcg(a.w.factor_slot), a.job.flags);
 }
 
-__global__ void upload_adam_kernel(const __grid_constant__ UploadAdamArgs a) {
-  for (int i = threadIdx.x; i < a.count; i += blockDim.x) a.dst[i] = a.d[i];
-}
-
 // ---- host side ------------------------------------------------------------------------------
 
 // Workspace layout: [partials: num_tiles doubles][factor slot][scalars: n][desc table].
 size_t partials_bytes(int64_t num_tiles) { return round16(sizeof(double) * static_cast<size_t>(num_tiles + 1)); }
 size_t scalars_bytes(int n) { return round16(sizeof(AdamScalars) * static_cast<size_t>(n)); }
-
-// Copies the descriptors to the device table in parameter-sized pieces (kernel
-// parameters are captured by value in a CUDA graph: no host buffer to outlive the call).
-cudaError_t upload_adam(const AdamTensorDesc* descs, int n, void* table, cudaStream_t stream) {
-  UploadAdamArgs args;
-  for (int begin = 0; begin < n; begin += kAdamInlineLarge) {
-    args.count = std::min(kAdamInlineLarge, n - begin);
-    std::copy(descs + begin, descs + begin + args.count, args.d);
-    args.dst = static_cast<AdamTensorDesc*>(table) + begin;
-    const cudaError_t e = launch(upload_adam_kernel, 1, false, stream, args);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
-}
 
 template <int Cap>
 cudaError_t adam_impl(const AdamTensorDesc* descs, int n, const Plan& plan, const AdamJob& job, void* workspace,
@@ -467,7 +433,7 @@ cudaError_t adam_step(const AdamTensorDesc* descs, int n, const Plan& plan, cons
   if (n <= kAdamInlineLarge)
     return cleared(adam_impl<kAdamInlineLarge>(descs, n, plan, job, workspace, nullptr, stream));
   void* table = static_cast<char*>(workspace) + partials_bytes(plan.num_tiles) + scalars_bytes(n);
-  const cudaError_t e = upload_adam(descs, n, table, stream);
+  const cudaError_t e = upload<kAdamInlineLarge>(descs, n, table, stream);
   return cleared(e == cudaSuccess ? adam_impl<0>(descs, n, plan, job, workspace, table, stream) : e);
 }
 

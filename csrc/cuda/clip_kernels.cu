@@ -45,9 +45,6 @@
 namespace fastclip::gpu {
 namespace {
 
-// Up to this many partials, each block re-reduces them (<= 32 KiB from L2)
-// rather than waiting at a second grid barrier.
-constexpr int64_t kRedundantReduceMax = 4096;
 static_assert(kChunkElems % (kTileBytes / 2) == 0, "tiles must subdivide a CPU chunk");
 
 // Everything but the descriptors: small enough to pass to the fallback's

@@ -53,22 +53,29 @@ constexpr int kInlineLarge = 1000;
 constexpr int kInlineLarge = 120;  // 4 KB parameter limit
 #endif
 
-template <int Cap>
+// Cap descriptors by value, or (Cap 0) a pointer to the device table. Desc:
+// TensorDesc, or another kernel's descriptor (adam_kernels.cu).
+template <int Cap, typename Desc = TensorDesc>
 struct Descs {
-  TensorDesc d[Cap];
-  __device__ const TensorDesc& operator[](int i) const { return d[i]; }
+  Desc d[Cap];
+  __device__ const Desc& operator[](int i) const { return d[i]; }
 };
-template <>
-struct Descs<0> {
-  const TensorDesc* d;
-  __device__ const TensorDesc& operator[](int i) const { return d[i]; }
+template <typename Desc>
+struct Descs<0, Desc> {
+  const Desc* d;
+  __device__ const Desc& operator[](int i) const { return d[i]; }
 };
 
+template <typename Desc, int Count>
 struct UploadArgs {
-  TensorDesc d[kInlineLarge];
+  Desc d[Count];
   int count;
-  TensorDesc* dst;
+  Desc* dst;
 };
+
+// Up to this many partials, each block re-reduces them (<= 32 KiB from L2)
+// rather than waiting at a second grid barrier.
+constexpr int64_t kRedundantReduceMax = 4096;
 
 __host__ __device__ constexpr int elem_size(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
 
@@ -360,7 +367,8 @@ __device__ __forceinline__ void grid_barrier(cg::grid_group& grid) {
   }
 }
 
-__global__ void upload_kernel(const __grid_constant__ UploadArgs a) {
+template <typename Desc, int Count>
+__global__ void upload_kernel(const __grid_constant__ UploadArgs<Desc, Count> a) {
   for (int i = threadIdx.x; i < a.count; i += blockDim.x) a.dst[i] = a.d[i];
 }
 
@@ -506,14 +514,15 @@ void fill_descs(Descs<Cap>* out, const TensorDesc* descs, int n, void* table) {
 
 // Copies descs to the device table in parameter-sized pieces: kernel
 // parameters, unlike a host buffer, are captured by value in a CUDA graph, so
-// no pinned staging buffer has to outlive the call.
-cudaError_t upload(const TensorDesc* descs, int n, void* table, cudaStream_t stream) {
-  UploadArgs args;
-  for (int begin = 0; begin < n; begin += kInlineLarge) {
-    args.count = std::min(kInlineLarge, n - begin);
+// no pinned staging buffer has to outlive the call. Count: descriptors per piece.
+template <int Count = kInlineLarge, typename Desc>
+cudaError_t upload(const Desc* descs, int n, void* table, cudaStream_t stream) {
+  UploadArgs<Desc, Count> args;
+  for (int begin = 0; begin < n; begin += Count) {
+    args.count = std::min(Count, n - begin);
     std::copy(descs + begin, descs + begin + args.count, args.d);
-    args.dst = static_cast<TensorDesc*>(table) + begin;
-    const cudaError_t e = launch(upload_kernel, 1, false, stream, args);
+    args.dst = static_cast<Desc*>(table) + begin;
+    const cudaError_t e = launch(upload_kernel<Desc, Count>, 1, false, stream, args);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
