@@ -15,6 +15,14 @@ namespace fastclip {
 
 constexpr const char* kAdamOp = "adam_step_";
 
+// adam_step_'s C++ signature, for the typed calls through the dispatcher
+// (autograd.cpp, eager_adam.h).
+using AdamStepFn = at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                              at::TensorList, at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>,
+                              at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::TensorList, bool,
+                              bool, bool, std::optional<double>, double, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, std::optional<at::ScalarType>);
+
 struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   at::IntArrayRef groups;                                         // param i belongs to group groups[i]

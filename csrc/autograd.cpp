@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "adam_checks.h"
+
 namespace fastclip {
 namespace {
 
@@ -96,11 +98,7 @@ at::Tensor adam_autograd(c10::DispatchKeySet ks, at::TensorList params, at::Tens
                          at::TensorList lr_tensors, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                          std::optional<double> max_norm, double norm_type, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, std::optional<at::ScalarType> norm_dtype) {
-  static const auto op = op_handle<at::Tensor(
-      at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
-      at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
-      at::TensorList, bool, bool, bool, std::optional<double>, double, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, std::optional<at::ScalarType>)>("fastclip::adam_step_");
+  static const auto op = op_handle<AdamStepFn>("fastclip::adam_step_");
   return run_in_place(op, ks, {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps}, "adam_step_", params, grads,
                       exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, lrs, beta1s, beta2s, epss, weight_decays,
                       lr_tensors, amsgrad, maximize, decoupled_weight_decay, max_norm, norm_type, grad_scale, found_inf,

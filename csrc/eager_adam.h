@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "adam_checks.h"
 #include "eager_params.h"
 
 namespace fastclip::eager {
@@ -154,14 +155,7 @@ inline py::object adam_groups(const py::list& param_groups, const py::dict& stat
   }
   at::ScalarType dtype = a.grads[0].scalar_type();
   for (const at::Tensor& g : a.grads) dtype = c10::promoteTypes(dtype, g.scalar_type());
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastclip::adam_step_", "")
-          .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                            at::TensorList, at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>,
-                            at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::TensorList, bool,
-                            bool, bool, std::optional<double>, double, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&, std::optional<at::ScalarType>)>();
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastclip::adam_step_", "").typed<AdamStepFn>();
   const std::optional<at::Tensor> scale = optional_tensor(grad_scale), inf = optional_tensor(found_inf);
   at::Tensor norm;
   {

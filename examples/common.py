@@ -337,6 +337,7 @@ def finish_run(algo, args, logger, act, wall_s, global_step, diverged_at, device
     returns = evaluate(args, act, device)
     norms = np.asarray(logger.grad_norms, dtype=np.float64)
     finite = norms[np.isfinite(norms)]
+    clip_calls = args.clip != "none" and not getattr(args, "fused_step", False)  # --fused-step: the step clips
     summary = {
         "algo": algo,
         "env_id": args.env_id,
@@ -350,9 +351,7 @@ def finish_run(algo, args, logger, act, wall_s, global_step, diverged_at, device
         "total_timesteps": int(global_step),
         "wall_s": round(wall_s, 3),  # the training loop only
         "updates": logger.updates,
-        "clip_calls": 0
-        if args.clip == "none" or getattr(args, "fused_step", False)
-        else logger.updates,  # one per update
+        "clip_calls": logger.updates if clip_calls else 0,  # one per update
         # the share of updates whose global norm was clipped (-1: per-layer and agc decide per tensor or unit)
         "clip_fraction": -1.0 if -1 in logger.clipped else float(np.mean(logger.clipped)) if logger.clipped else 0.0,
         "grad_norm_p50": float(np.percentile(finite, 50)) if finite.size else None,
